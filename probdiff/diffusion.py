@@ -82,7 +82,8 @@ class ConsistencyTerms(NamedTuple):
     the same number: inside the expectation x_t is drawn given both neighbours, not from
     q(x_t | x_{t-1}) alone, so no closed-form KL appears. probdiff evaluates the exact
     regrouping on one forward chain; its expectation equals the B2 ELBO (checked in
-    ``tests/test_diffusion.py``) with a larger variance (two random variables per t).
+    ``tests/test_diffusion.py``). Its spread differs from B2's, and which is larger depends
+    on the model; ``examples/gaussian_elbo.py`` measures both.
 
     Attributes:
         reconstruction: log p_theta(x_0 | x_1) at the chain's x_1; shape ``batch``.
@@ -162,7 +163,7 @@ class GaussianDiffusion(dist.Distribution):
         chunk_size: evaluate the denoising terms for this many t at a time (``None``: all
             T at once, fastest; an integer bounds memory for large data).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from probdiff import GaussianDiffusion, schedules
         >>> d = GaussianDiffusion(lambda x, t: jnp.zeros_like(x), schedules.linear(100), (2,))
@@ -317,7 +318,7 @@ class GaussianDiffusion(dist.Distribution):
         log p_theta(x_{0:T}) - log q(x_{1:T} | x_0) into the reconstruction, the prior
         matching KL(q(x_T | x_{T-1}) || p(x_T)) (exact given x_{T-1}) and the T - 1
         consistency terms. Same expectation as [elbo_terms][probdiff.GaussianDiffusion.elbo_terms],
-        larger variance.
+        a different spread.
         """
         x_0 = self._check_x0(x_0)
         s = self.schedule
@@ -411,7 +412,9 @@ class GaussianDiffusion(dist.Distribution):
 
         With [guide][probdiff.GaussianDiffusion.guide], ``Trace_ELBO`` estimates
         E_q[log p_theta(x_{0:T}) - log q(x_{1:T} | x_0)], the same ELBO as
-        [elbo][probdiff.GaussianDiffusion.elbo] with a much larger variance.
+        [elbo][probdiff.GaussianDiffusion.elbo] by a single log-ratio of the whole chain
+        (noisy for a poor model; nearly constant when p_theta(x_{1:T} | x_0) is close to
+        q(x_{1:T} | x_0)).
         The whole chain is one site, so neither of NumPyro's chain traps applies
         (``scan(reverse=True)`` under replay; ``TraceMeanField_ELBO`` with a forward guide).
 

@@ -53,7 +53,7 @@ class Schedule:
     Build one with :func:`linear`, :func:`cosine`, :func:`sigmoid` or :func:`from_betas`,
     which validate their input; the bare constructor does not.
 
-    Example:
+    Examples:
         >>> from probdiff import schedules
         >>> s = schedules.linear(1000)
         >>> s.num_steps
@@ -111,7 +111,7 @@ def from_betas(betas, *, dtype=None) -> Schedule:
         ValueError: ``betas`` is not 1-D, is empty (T < 1), or holds a value that is not
             finite or not in (0, 1); the message names the first offending t.
 
-    Example:
+    Examples:
         >>> from probdiff.schedules import from_betas
         >>> s = from_betas([0.1, 0.2])
         >>> [round(float(a), 6) for a in s.alpha_bar]
@@ -173,7 +173,7 @@ def linear(num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02, *, 
         beta_end: beta_T, in (0, 1).
         dtype: float dtype (default float32, float64 under ``jax_enable_x64``).
 
-    Example:
+    Examples:
         >>> from probdiff import schedules
         >>> round(float(schedules.linear(1000).alpha_bar[-1]), 7)
         4.04e-05
@@ -202,7 +202,7 @@ def cosine(num_steps: int, s: float = 0.008, max_beta: float = 0.999, *, dtype=N
         max_beta: the clip on beta_t, in (0, 1).
         dtype: float dtype (default float32, float64 under ``jax_enable_x64``).
 
-    Example:
+    Examples:
         >>> from probdiff import schedules
         >>> sc = schedules.cosine(1000)
         >>> float(sc.beta[-1])
@@ -239,11 +239,13 @@ def sigmoid(
 
     Args:
         num_steps: T >= 1.
-        beta_start, beta_end: the asymptotes, in (0, 1).
-        low, high: the range of the sigmoid's argument, ``low < high``.
+        beta_start: the lower asymptote, in (0, 1).
+        beta_end: the upper asymptote, in (0, 1).
+        low: the sigmoid's argument at t = 1.
+        high: the sigmoid's argument at t = T, ``low < high``.
         dtype: float dtype (default float32, float64 under ``jax_enable_x64``).
 
-    Example:
+    Examples:
         >>> from probdiff import schedules
         >>> sc = schedules.sigmoid(1000)
         >>> bool((sc.beta[2:] > sc.beta[1:-1]).all())

@@ -84,7 +84,7 @@ def q_step(schedule: Schedule, t, x_tm1, *, event_ndim: int = 1) -> dist.Distrib
     Returns:
         A diagonal ``Normal`` over x_t with ``event_ndim`` event dimensions.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from probdiff import schedules
         >>> from probdiff.distributions import q_step
@@ -113,7 +113,7 @@ def q_marginal(schedule: Schedule, t, x_0, *, event_ndim: int = 1) -> dist.Distr
         x_0: clean data, shape ``batch + event``.
         event_ndim: number of trailing event dimensions of ``x_0``.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from probdiff import schedules
         >>> from probdiff.distributions import q_marginal
@@ -170,7 +170,7 @@ def q_posterior(schedule: Schedule, t, x_t, x_0, *, event_ndim: int = 1) -> dist
         x_0: clean data, shape ``batch + event`` (broadcasts against ``x_t``).
         event_ndim: number of trailing event dimensions.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from probdiff import schedules
         >>> from probdiff.distributions import q_posterior
@@ -269,7 +269,7 @@ def p_step(
         variance: ``"beta"`` or ``"beta_tilde"``.
         event_ndim: number of trailing event dimensions.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from probdiff import schedules
         >>> from probdiff.distributions import p_step
