@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +121,7 @@ def main(argv=None):
         logps.append(float(lp.mean()))
         gaps.append(float((lp - e).mean()))
     print("\nT, ELBO, log p_theta(x_0), gap (closed forms, mean over points):")
-    for row in zip(Ts, elbos, logps, gaps):
+    for row in zip(Ts, elbos, logps, gaps, strict=True):
         print("  {:5d}  {:9.4f}  {:9.4f}  {:.5f}".format(*row))
     results["gap_vs_T"] = {"T": Ts, "elbo": elbos, "log_p_theta": logps, "gap": gaps,
                            "true_log_pi": float(data.log_prob(x_0).mean())}

@@ -47,7 +47,7 @@ class GaussianData(NamedTuple):
     cov: jax.Array
 
     @classmethod
-    def default_2d(cls) -> "GaussianData":
+    def default_2d(cls) -> GaussianData:
         """The built-in 2-D data set of the demo: a tilted, elongated Gaussian."""
         mu = jnp.array([1.0, -0.5])
         cov = jnp.array([[1.0, 0.6], [0.6, 0.5]])

@@ -14,7 +14,8 @@ r"""The Gaussian diffusion model: a distribution over x_0, a NumPyro model and i
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ from numpyro.distributions import constraints
 from numpyro.distributions.kl import kl_divergence
 
 from probdiff._checks import check_event, check_finite
-from probdiff.distributions.chains import ForwardChain, ReverseChain, map_over_t
+from probdiff.distributions.chains import ForwardChain, ReverseChain, map_over_t, resolve_chunk_size
 from probdiff.distributions.kernels import (
     VARIANCES,
     call_eps,
@@ -160,8 +161,10 @@ class GaussianDiffusion(dist.Distribution):
             ``"beta_tilde"`` (sigma_t^2 = beta_tilde_t for t >= 2; the decoder
             p_theta(x_0 | x_1) then uses beta_1, since beta_tilde_1 = 0).
         rng_key: optional key for ``log_prob`` outside a ``seed`` handler.
-        chunk_size: evaluate the denoising terms for this many t at a time (``None``: all
-            T at once, fastest; an integer bounds memory for large data).
+        chunk_size: how many t the ELBO evaluates together: ``"auto"`` (default: by backend
+            and batch size, about 1024 rows at a time on CPU), ``None`` (all T at once) or an
+            int; see [map_over_t][probdiff.distributions.map_over_t]. Memory is bounded by
+            the chunk, never by T.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -185,7 +188,7 @@ class GaussianDiffusion(dist.Distribution):
         variance: str = "beta",
         *,
         rng_key=None,
-        chunk_size: int | None = None,
+        chunk_size="auto",
         validate_args=None,
     ):
         if not callable(eps_fn):
@@ -202,8 +205,7 @@ class GaussianDiffusion(dist.Distribution):
             raise TypeError(f"event_shape must be a tuple of ints; got {event_shape!r}") from None
         if len(event_shape) == 0 or any(n < 1 for n in event_shape):
             raise ValueError(f"event_shape must be a non-empty tuple of positive ints; got {event_shape}")
-        if chunk_size is not None and int(chunk_size) < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None; got {chunk_size}")
+        resolve_chunk_size(chunk_size, schedule.num_steps, 1)  # validates
         if rng_key is None and numpyro.primitives._PYRO_STACK:
             # Built inside a seeded model (SVI, Predictive, seed(...)): take this run's key now,
             # because NumPyro scores observed sites after the handlers have exited.
@@ -282,7 +284,8 @@ class GaussianDiffusion(dist.Distribution):
             p = p_step(self.eps_fn, s, t, x_t, variance=self.variance_kind, event_ndim=nd)
             return kl_divergence(q_post, p)
 
-        kls = map_over_t(denoising, jnp.arange(2, T + 1), self.chunk_size)
+        rows = math.prod(x_0.shape[: x_0.ndim - nd])
+        kls = map_over_t(denoising, jnp.arange(2, T + 1), self.chunk_size, batch_rows=rows)
         return ELBOTerms(reconstruction, prior_matching, jnp.moveaxis(kls, 0, -1))
 
     def elbo(self, rng_key, x_0) -> jax.Array:
@@ -341,7 +344,9 @@ class GaussianDiffusion(dist.Distribution):
         if T == 1:
             terms = jnp.zeros(x_0.shape[: x_0.ndim - nd] + (0,), x_0.dtype)
         else:
-            terms = jnp.moveaxis(map_over_t(consistency, jnp.arange(1, T), self.chunk_size), 0, -1)
+            rows = math.prod(x_0.shape[: x_0.ndim - nd])
+            terms = map_over_t(consistency, jnp.arange(1, T), self.chunk_size, batch_rows=rows)
+            terms = jnp.moveaxis(terms, 0, -1)
         return ConsistencyTerms(reconstruction, prior_matching, terms)
 
     # ----------------------------------------------------- as a distribution

@@ -58,8 +58,8 @@ class Schedule:
         >>> s = schedules.linear(1000)
         >>> s.num_steps
         1000
-        >>> float(s.beta[1]), float(s.beta[1000])
-        (9.999999747378752e-05, 0.019999999552965164)
+        >>> round(float(s.beta[1]), 6), round(float(s.beta[1000]), 6)
+        (0.0001, 0.02)
     """
 
     beta: jax.Array
@@ -205,8 +205,8 @@ def cosine(num_steps: int, s: float = 0.008, max_beta: float = 0.999, *, dtype=N
     Examples:
         >>> from probdiff import schedules
         >>> sc = schedules.cosine(1000)
-        >>> float(sc.beta[-1])
-        0.9990000128746033
+        >>> round(float(sc.beta[-1]), 6)   # clipped at max_beta
+        0.999
     """
     num_steps = _check_num_steps(num_steps)
     if not (s >= 0.0 and math.isfinite(s)):

@@ -1,6 +1,12 @@
 """NumPyro distributions of the forward and reverse processes (MATH.md A1, A2, A4, B1, C2)."""
 
-from probdiff.distributions.chains import ForwardChain, ReverseChain, map_over_t
+from probdiff.distributions.chains import (
+    AUTO_CHUNK_ROWS,
+    ForwardChain,
+    ReverseChain,
+    map_over_t,
+    resolve_chunk_size,
+)
 from probdiff.distributions.kernels import (
     VARIANCES,
     call_eps,
@@ -15,6 +21,7 @@ from probdiff.distributions.kernels import (
 )
 
 __all__ = [
+    "AUTO_CHUNK_ROWS",
     "VARIANCES",
     "ForwardChain",
     "ReverseChain",
@@ -26,6 +33,7 @@ __all__ = [
     "q_marginal",
     "q_posterior",
     "q_step",
+    "resolve_chunk_size",
     "reverse_variance",
     "x0_from_eps",
 ]
