@@ -162,7 +162,7 @@ class GaussianDiffusion(dist.Distribution):
             p_theta(x_0 | x_1) then uses beta_1, since beta_tilde_1 = 0).
         rng_key: optional key for ``log_prob`` outside a ``seed`` handler.
         chunk_size: how many t the ELBO evaluates together: ``"auto"`` (default: by backend
-            and batch size, about 1024 rows at a time on CPU), ``None`` (all T at once) or an
+            and data size, about 2048 scalars of x_t at a time on CPU), ``None`` (all T at once) or an
             int; see [map_over_t][probdiff.distributions.map_over_t]. Memory is bounded by
             the chunk, never by T.
 
@@ -284,8 +284,7 @@ class GaussianDiffusion(dist.Distribution):
             p = p_step(self.eps_fn, s, t, x_t, variance=self.variance_kind, event_ndim=nd)
             return kl_divergence(q_post, p)
 
-        rows = math.prod(x_0.shape[: x_0.ndim - nd])
-        kls = map_over_t(denoising, jnp.arange(2, T + 1), self.chunk_size, batch_rows=rows)
+        kls = map_over_t(denoising, jnp.arange(2, T + 1), self.chunk_size, elements_per_t=x_0.size)
         return ELBOTerms(reconstruction, prior_matching, jnp.moveaxis(kls, 0, -1))
 
     def elbo(self, rng_key, x_0) -> jax.Array:
@@ -344,8 +343,7 @@ class GaussianDiffusion(dist.Distribution):
         if T == 1:
             terms = jnp.zeros(x_0.shape[: x_0.ndim - nd] + (0,), x_0.dtype)
         else:
-            rows = math.prod(x_0.shape[: x_0.ndim - nd])
-            terms = map_over_t(consistency, jnp.arange(1, T), self.chunk_size, batch_rows=rows)
+            terms = map_over_t(consistency, jnp.arange(1, T), self.chunk_size, elements_per_t=x_0.size)
             terms = jnp.moveaxis(terms, 0, -1)
         return ConsistencyTerms(reconstruction, prior_matching, terms)
 

@@ -15,10 +15,10 @@ import optax
 from numpyro.contrib.module import eqx_module
 from numpyro.infer import SVI, Predictive, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta
+from oracles import gaussian as oracle
 
 from probdiff import GaussianDiffusion, schedules
 from probdiff.analytic import optimal_eps_fn
-from tests.oracles import gaussian as oracle
 
 MU = np.array([1.0, -0.5])
 SIGMA = np.array([[1.0, 0.6], [0.6, 0.5]])

@@ -1,7 +1,7 @@
 """NumPyro distributions of the forward and reverse processes (MATH.md A1, A2, A4, B1, C2)."""
 
 from probdiff.distributions.chains import (
-    AUTO_CHUNK_ROWS,
+    AUTO_CHUNK_ELEMENTS,
     ForwardChain,
     ReverseChain,
     map_over_t,
@@ -21,7 +21,7 @@ from probdiff.distributions.kernels import (
 )
 
 __all__ = [
-    "AUTO_CHUNK_ROWS",
+    "AUTO_CHUNK_ELEMENTS",
     "VARIANCES",
     "ForwardChain",
     "ReverseChain",

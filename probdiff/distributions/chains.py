@@ -9,7 +9,6 @@ value has shape ``B + (K,) + E``, and index ``i`` on that axis is the state at t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import jax
@@ -20,43 +19,51 @@ from numpyro.distributions import constraints
 from probdiff.distributions.kernels import VARIANCES, call_eps, mu_from_eps, p_step, reverse_variance
 from probdiff.schedules import Schedule
 
-__all__ = ["ForwardChain", "ReverseChain", "map_over_t", "resolve_chunk_size", "AUTO_CHUNK_ROWS"]
+__all__ = ["ForwardChain", "ReverseChain", "map_over_t", "resolve_chunk_size", "AUTO_CHUNK_ELEMENTS"]
 
 
-#: Rows (t values x examples) evaluated together by ``chunk_size="auto"``, per backend. On CPU
-#: larger blocks spill the network's activations out of cache and into fresh pages
-#: (bench/README.md: evaluating all 999 t of 1000 points at once ran 2.4x slower than one t at
-#: a time); accelerators want wide blocks.
-AUTO_CHUNK_ROWS = {"cpu": 1024, "default": 1 << 17}
+#: Scalars of x_t (t values x examples x event size) that ``chunk_size="auto"`` evaluates
+#: together, per backend. On CPU larger blocks spill the network's activations out of cache
+#: and into fresh pages (bench/README.md: all 999 t of 1000 2-D points at once ran 2.4x slower
+#: than one t at a time); accelerators want wide blocks, bounded so that a batch of images
+#: does not materialise T copies of itself.
+AUTO_CHUNK_ELEMENTS = {"cpu": 2048, "default": 1 << 22}
 
 
-def resolve_chunk_size(chunk_size, num_t: int, batch_rows: int) -> int:
-    """The number of t evaluated together: ``None`` -> all, ``"auto"`` -> by backend, else the int."""
+def resolve_chunk_size(chunk_size, num_t: int, elements_per_t: int) -> int:
+    """The number of t evaluated together: ``None`` -> all, ``"auto"`` -> by backend, else the int.
+
+    Args:
+        chunk_size: an int >= 1, ``None`` or ``"auto"``.
+        num_t: how many t there are.
+        elements_per_t: scalars of x_t that one ``fn(t)`` handles (batch size x event size).
+    """
     if chunk_size is None:
         return max(num_t, 1)
     if isinstance(chunk_size, str):
         if chunk_size != "auto":
             raise ValueError(f'chunk_size must be a positive integer, "auto" or None; got {chunk_size!r}')
-        rows = AUTO_CHUNK_ROWS.get(jax.default_backend(), AUTO_CHUNK_ROWS["default"])
-        return int(min(max(num_t, 1), max(1, rows // max(batch_rows, 1))))
+        budget = AUTO_CHUNK_ELEMENTS.get(jax.default_backend(), AUTO_CHUNK_ELEMENTS["default"])
+        return int(min(max(num_t, 1), max(1, budget // max(elements_per_t, 1))))
     if isinstance(chunk_size, bool) or int(chunk_size) != chunk_size or int(chunk_size) < 1:
         raise ValueError(f'chunk_size must be a positive integer, "auto" or None; got {chunk_size!r}')
     return int(chunk_size)
 
 
-def map_over_t(fn: Callable, ts, chunk_size="auto", *, batch_rows: int = 1):
+def map_over_t(fn: Callable, ts, chunk_size="auto", *, elements_per_t: int = 1):
     """Evaluate ``fn(t)`` for every t in ``ts`` and stack the results on a leading axis.
 
     ``chunk_size`` t are evaluated together (``jax.vmap``) and the chunks run one after the
     other in a ``lax.scan``, so memory is bounded by the chunk, never by T, and there is
     never a Python loop over T. ``None`` vectorises over all t at once; ``"auto"`` picks the
-    chunk from the backend and ``batch_rows`` (the number of examples each ``fn(t)`` handles):
-    about 1024 rows at a time on CPU, 131072 on accelerators. ``ts`` is padded with its last
-    value up to a whole number of chunks, so ``fn`` is traced once.
+    chunk from the backend and ``elements_per_t`` (the scalars of x_t each ``fn(t)`` handles)
+    so that a chunk holds about 2048 scalars on CPU and 4 million on accelerators
+    ([AUTO_CHUNK_ELEMENTS][probdiff.distributions.AUTO_CHUNK_ELEMENTS]). ``ts`` is padded with
+    its last value up to a whole number of chunks, so ``fn`` is traced once.
     """
     ts = jnp.asarray(ts)
     n = ts.shape[0]
-    chunk = resolve_chunk_size(chunk_size, n, batch_rows)
+    chunk = resolve_chunk_size(chunk_size, n, elements_per_t)
     if chunk >= n:
         return jax.vmap(fn)(ts)
     if chunk == 1:
@@ -285,6 +292,5 @@ class ReverseChain(dist.Distribution):
             d = p_step(self.eps_fn, self.schedule, t, xs[i + 1], variance=self.variance_kind, event_ndim=nd)
             return d.log_prob(xs[i])
 
-        rows = math.prod(xs.shape[1 : xs.ndim - nd])
-        steps = map_over_t(log_p, jnp.arange(xs.shape[0] - 1), self.chunk_size, batch_rows=rows)
+        steps = map_over_t(log_p, jnp.arange(xs.shape[0] - 1), self.chunk_size, elements_per_t=xs[0].size)
         return lp_T + jnp.sum(steps, axis=0)
