@@ -5,7 +5,7 @@ generative model, and [GaussianDiffusion][probdiff.GaussianDiffusion] a distribu
 that composes with any other sample site.
 """
 
-from probdiff import analytic, distributions, schedules
+from probdiff import analytic, distributions, nets, schedules
 from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "SampleResult",
     "analytic",
     "distributions",
+    "nets",
     "schedules",
     "__version__",
 ]

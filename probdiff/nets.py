@@ -1,0 +1,115 @@
+r"""Noise-prediction networks eps_theta(x_t, t) as Equinox modules (MATH.md C4).
+
+Every network here is called as ``net(x_t, t)`` with ``x_t`` of shape ``batch + event`` and an
+integer ``t`` that broadcasts over ``batch`` (a scalar or one t per example), which is the
+``eps_fn`` contract of [GaussianDiffusion][probdiff.GaussianDiffusion]. The batch dimensions
+are handled by matrix products, not by ``vmap``, so one call evaluates a whole batch. Register
+one inside a NumPyro model with ``numpyro.contrib.module.eqx_module("eps_net", net)`` to train
+its parameters with ``SVI``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+__all__ = ["sinusoidal_embedding", "MLP"]
+
+
+def sinusoidal_embedding(t, dim: int, *, max_period: float = 10_000.0):
+    r"""The sinusoidal encoding of the time step t (Vaswani et al. 2017; DDPM's time input, C4).
+
+    $$ e(t)_{i} = \sin\!\big(t\,\omega_i\big),\quad e(t)_{i + d/2} = \cos\!\big(t\,\omega_i\big),
+       \qquad \omega_i = \text{max\_period}^{-i/(d/2)},\quad i = 0..d/2-1 . $$
+
+    Args:
+        t: time steps, any shape (integers or floats).
+        dim: embedding size d, even and >= 2.
+        max_period: the longest period, 10000 by default.
+
+    Returns:
+        An array of shape ``t.shape + (dim,)``, float32 (float64 under ``jax_enable_x64``).
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from probdiff.nets import sinusoidal_embedding
+        >>> sinusoidal_embedding(jnp.array([0, 5]), 4).shape
+        (2, 4)
+    """
+    if not isinstance(dim, int) or dim < 2 or dim % 2:
+        raise ValueError(f"dim must be an even integer >= 2; got {dim!r}")
+    if not max_period > 1:
+        raise ValueError(f"max_period must be > 1; got {max_period}")
+    half = dim // 2
+    t = jnp.asarray(t)
+    dtype = jnp.result_type(float)
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=dtype) / half)
+    angles = t.astype(dtype)[..., None] * freqs
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class MLP(eqx.Module):
+    r"""An eps-network for vector data: an MLP on x_t with a sinusoidal embedding of t.
+
+    $$ h_0 = W_0 x_t + b_0 + U\,e(t),\qquad h_{k} = W_k\,\mathrm{SiLU}(h_{k-1}) + b_k,\qquad
+       \epsilon_\theta(x_t, t) = h_L , $$
+
+    with e(t) from [sinusoidal_embedding][probdiff.nets.sinusoidal_embedding] and U a learned
+    projection. The last layer starts at zero, so an untrained network predicts eps = 0 and
+    its p_theta(x_{t-1} | x_t) is the plain rescaling x_t / sqrt(alpha_t).
+
+    Args:
+        data_dim: D, the size of x_t's last axis.
+        key: a JAX PRNG key for the initialisation.
+        hidden: widths of the hidden layers.
+        time_dim: size of the time embedding.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from probdiff.nets import MLP
+        >>> net = MLP(2, jax.random.key(0), hidden=(16, 16))
+        >>> net(jnp.ones((5, 2)), 3).shape
+        (5, 2)
+    """
+
+    weights: list
+    biases: list
+    time_proj: jax.Array
+    time_dim: int = eqx.field(static=True)
+
+    def __init__(self, data_dim: int, key, *, hidden=(256, 256, 256), time_dim: int = 32):
+        if not isinstance(data_dim, int) or data_dim < 1:
+            raise ValueError(f"data_dim must be a positive integer; got {data_dim!r}")
+        hidden = tuple(int(h) for h in hidden)
+        if not hidden or min(hidden) < 1:
+            raise ValueError(f"hidden must be a non-empty sequence of positive widths; got {hidden}")
+        sizes = (data_dim,) + hidden + (data_dim,)
+        keys = jax.random.split(key, len(sizes))
+        weights, biases = [], []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            if i == len(sizes) - 2:
+                w = jnp.zeros((n_out, n_in))
+            else:  # LeCun-normal initialisation, suited to SiLU
+                w = jax.random.normal(keys[i], (n_out, n_in)) / math.sqrt(n_in)
+            weights.append(w)
+            biases.append(jnp.zeros((n_out,)))
+        self.weights = weights
+        self.biases = biases
+        self.time_proj = jax.random.normal(keys[-1], (hidden[0], time_dim)) / math.sqrt(time_dim)
+        self.time_dim = time_dim
+
+    def __call__(self, x_t, t):
+        """eps_theta(x_t, t) for x_t of shape ``batch + (D,)`` and t broadcasting over ``batch``."""
+        x_t = jnp.asarray(x_t)
+        if x_t.ndim < 1 or x_t.shape[-1] != self.weights[0].shape[1]:
+            raise ValueError(
+                f"x_t must have last axis D = {self.weights[0].shape[1]}; got shape {x_t.shape}"
+            )
+        emb = sinusoidal_embedding(jnp.broadcast_to(jnp.asarray(t), x_t.shape[:-1]), self.time_dim)
+        h = x_t @ self.weights[0].T + self.biases[0] + emb.astype(x_t.dtype) @ self.time_proj.T
+        for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
+            h = jax.nn.silu(h) @ w.T + b
+        return h
