@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
 import optax
 import pytest
 from numpyro.contrib.module import eqx_module
