@@ -5,8 +5,8 @@ generative model, and [GaussianDiffusion][probdiff.GaussianDiffusion] a distribu
 that composes with any other sample site.
 """
 
-from probdiff import analytic, distributions, nets, schedules
-from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult
+from probdiff import analytic, distributions, infer, nets, schedules
+from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms
 
 __version__ = "0.1.0"
 
@@ -15,8 +15,10 @@ __all__ = [
     "ELBOTerms",
     "GaussianDiffusion",
     "SampleResult",
+    "StepTerms",
     "analytic",
     "distributions",
+    "infer",
     "nets",
     "schedules",
     "__version__",

@@ -38,7 +38,7 @@ from probdiff.distributions.kernels import (
 )
 from probdiff.schedules import Schedule
 
-__all__ = ["GaussianDiffusion", "ELBOTerms", "ConsistencyTerms", "SampleResult"]
+__all__ = ["GaussianDiffusion", "ELBOTerms", "ConsistencyTerms", "SampleResult", "StepTerms"]
 
 
 class ELBOTerms(NamedTuple):
@@ -114,6 +114,21 @@ class SampleResult(NamedTuple):
 
     x_0: jax.Array
     trajectory: jax.Array
+
+
+class StepTerms(NamedTuple):
+    r"""The loss of one diffusion step t at one draw x_t = sqrt(alpha_bar_t) x_0 + sqrt(1-alpha_bar_t) eps.
+
+    Attributes:
+        vlb: L_t, the step's share of the negative ELBO (MATH.md B2, C1, C3):
+            KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) for t >= 2 and the decoder's
+            -log p_theta(x_0 | x_1) for t = 1; shape ``batch``.
+        simple: ||eps - eps_theta(x_t, t)||^2 summed over the event, DDPM's L_simple
+            (Algorithm 1); shape ``batch``.
+    """
+
+    vlb: jax.Array
+    simple: jax.Array
 
 
 def _plates(batch_shape, name: str):
@@ -304,6 +319,90 @@ class GaussianDiffusion(dist.Distribution):
             The ELBO of each example, shape ``batch``.
         """
         return self.elbo_terms(rng_key, x_0).total
+
+    def step_terms(self, rng_key, x_0, t) -> StepTerms:
+        r"""The loss of step t for each example, at one draw of x_t (MATH.md C1-C3).
+
+        $$ x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon,\qquad
+           L_t = \begin{cases}-\log p_\theta(x_0\mid x_1) & t = 1\\
+           \mathrm{KL}\big(q(x_{t-1}\mid x_t,x_0)\,\|\,p_\theta(x_{t-1}\mid x_t)\big) & t\ge 2\end{cases},
+           \qquad L_{\text{simple}} = \|\epsilon-\epsilon_\theta(x_t,t)\|^2 . $$
+
+        One call of eps_fn per example. E[L_t] over x_t is the t-th term of the negative B2
+        ELBO, so ELBO = -KL(q(x_T | x_0) || p(x_T)) - sum_t E[L_t]; the KL is exact
+        (``numpyro.distributions.kl.kl_divergence``). Checked against the closed form for
+        Gaussian data in ``tests/test_sampled_t.py``.
+
+        Args:
+            rng_key: a JAX PRNG key (draws eps).
+            x_0: data, shape ``batch + event_shape``.
+            t: integer steps in 1..T, broadcasting over ``batch`` (one t per example, or one
+                for all).
+
+        Returns:
+            [StepTerms][probdiff.StepTerms] with arrays of shape ``batch``.
+        """
+        from probdiff._checks import check_t
+        from probdiff.distributions.kernels import posterior_mean
+
+        x_0 = self._check_x0(x_0)
+        s = self.schedule
+        nd = self.event_ndim
+        batch = x_0.shape[: x_0.ndim - nd]
+        t = jnp.broadcast_to(check_t(t, s.num_steps), batch)
+        eps = jax.random.normal(rng_key, x_0.shape, x_0.dtype)
+        q_t = q_marginal(s, t, x_0, event_ndim=nd)
+        x_t = q_t.mean + jnp.sqrt(q_t.variance) * eps
+        eps_hat = self._eps(x_t, t)
+        simple = jnp.sum(jnp.reshape((eps - eps_hat) ** 2, batch + (-1,)), axis=-1)
+
+        sigma = jnp.sqrt(reverse_variance(s, self.variance_kind)[t]).astype(x_0.dtype)
+        sigma = jnp.reshape(sigma, batch + (1,) * nd)
+        mean = mu_from_eps(s, t, x_t, eps_hat, event_ndim=nd)
+        p = dist.Normal(mean, jnp.broadcast_to(sigma, mean.shape)).to_event(nd)
+        decoder_nll = -p.log_prob(x_0)
+        # The posterior at t = 1 is a point mass; give that unused branch a unit variance so
+        # that neither its value nor its gradient is NaN.
+        is_first = t == 1
+        beta_tilde = jnp.where(is_first, 1.0, s.beta_tilde[jnp.maximum(t, 2)]).astype(x_0.dtype)
+        q_loc = posterior_mean(s, jnp.maximum(t, 2), x_t, x_0, event_ndim=nd)
+        q_scale = jnp.broadcast_to(jnp.sqrt(jnp.reshape(beta_tilde, batch + (1,) * nd)), q_loc.shape)
+        kl = kl_divergence(dist.Normal(q_loc, q_scale).to_event(nd), p)
+        return StepTerms(jnp.where(is_first, decoder_nll, kl), simple)
+
+    def elbo_sampled_t(self, rng_key, x_0, num_t: int = 1) -> jax.Array:
+        r"""An unbiased ELBO estimate from ``num_t`` uniformly drawn steps per example (MATH.md C3).
+
+        $$ \widehat{\mathrm{ELBO}} = -\mathrm{KL}\big(q(x_T\mid x_0)\,\|\,p(x_T)\big)
+           - \frac{T}{K}\sum_{k=1}^{K} L_{t_k},\qquad t_k\sim\mathcal{U}\{1,\dots,T\}, $$
+
+        with L_t from [step_terms][probdiff.GaussianDiffusion.step_terms] and K = ``num_t``.
+        K network calls per example instead of T: the estimator of choice for training. Its
+        mean is the ELBO (``tests/test_sampled_t.py``); its variance is larger than that of
+        [elbo][probdiff.GaussianDiffusion.elbo].
+
+        Args:
+            rng_key: a JAX PRNG key.
+            x_0: data, shape ``batch + event_shape``.
+            num_t: K >= 1, steps drawn per example.
+        """
+        if isinstance(num_t, bool) or not isinstance(num_t, int) or num_t < 1:
+            raise ValueError(f"num_t must be an integer >= 1; got {num_t!r}")
+        x_0 = self._check_x0(x_0)
+        s = self.schedule
+        nd = self.event_ndim
+        T = s.num_steps
+        batch = x_0.shape[: x_0.ndim - nd]
+        key_t, key_x = jax.random.split(rng_key)
+        ts = jax.random.randint(key_t, (num_t,) + batch, 1, T + 1)
+
+        def one(k, t):
+            return self.step_terms(k, x_0, t).vlb
+
+        losses = jax.vmap(one)(jax.random.split(key_x, num_t), ts)
+        q_T = q_marginal(s, T, x_0, event_ndim=nd)
+        prior = dist.Normal(jnp.zeros_like(x_0), jnp.ones_like(x_0)).to_event(nd)
+        return -kl_divergence(q_T, prior) - T * jnp.mean(losses, axis=0)
 
     def bits_per_dim(self, rng_key, x_0) -> jax.Array:
         r"""The negative ELBO in bits per dimension: -ELBO(x_0) / (D log 2), D = ``event_size``.
