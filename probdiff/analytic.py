@@ -20,9 +20,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro.distributions as dist
 
-from probdiff._checks import check_finite
+from probdiff._checks import check_finite, is_concrete, take_t
 from probdiff.distributions.kernels import mu_from_eps, posterior_mean, reverse_variance
 from probdiff.schedules import Schedule
 
@@ -76,6 +77,13 @@ def _check_gaussian(mu, cov):
         raise ValueError(f"cov must have shape (D, D) = {(D, D)}; got {cov.shape}")
     check_finite(mu, "mu")
     check_finite(cov, "cov")
+    if is_concrete(cov):
+        c = np.asarray(cov, np.float64)
+        if not np.allclose(c, c.T, rtol=1e-6, atol=1e-8 * max(1.0, np.abs(c).max())):
+            raise ValueError("cov must be symmetric; got cov != cov.T")
+        low = np.linalg.eigvalsh(c).min()
+        if low < -1e-6 * max(1.0, np.abs(c).max()):
+            raise ValueError(f"cov must be positive semi-definite; its smallest eigenvalue is {low:.3g}")
     return mu, cov
 
 
@@ -88,7 +96,8 @@ def optimal_eps_fn(mu, cov, schedule: Schedule):
     C_t^{-1} is applied through the eigendecomposition Sigma = U diag(lambda) U^T, so
     C_t^{-1} = U diag(1 / (alpha_bar_t lambda + 1 - alpha_bar_t)) U^T and no D x D inverse is
     formed per t. Checked against E[eps | x_t] by Gaussian conditioning in
-    ``tests/test_analytic.py``.
+    ``tests/test_analytic.py``. ``cov`` is checked for symmetry and positive
+    semi-definiteness when its values are concrete.
 
     Args:
         mu: data mean, shape (D,).
@@ -103,8 +112,8 @@ def optimal_eps_fn(mu, cov, schedule: Schedule):
 
     def eps_fn(x_t, t):
         t = jnp.asarray(t)[..., None]
-        ab = schedule.alpha_bar[t].astype(x_t.dtype)
-        omab = schedule.one_minus_alpha_bar[t].astype(x_t.dtype)
+        ab = take_t(schedule.alpha_bar, t).astype(x_t.dtype)  # NaN outside 1..T, never clamped
+        omab = take_t(schedule.one_minus_alpha_bar, t).astype(x_t.dtype)
         r = (x_t - jnp.sqrt(ab) * mu) @ U
         return jnp.sqrt(omab) * (r / (ab * lam + omab)) @ U.T
 

@@ -160,10 +160,11 @@ class GaussianDiffusion(dist.Distribution):
     ``numpyro.sample("x", diffusion, obs=x)`` adds the ELBO of ``x`` to the model's log
     density and ``numpyro.sample("x", diffusion)`` draws x_0, with other sample sites
     around it. ``log_prob`` needs randomness: a GaussianDiffusion built inside a seeded
-    NumPyro model (under ``SVI``, ``Predictive``, ``seed(model, key)``) draws its key from
-    the seed handler when it is built; otherwise pass ``rng_key``. With neither,
-    ``log_prob`` raises. (NumPyro's HMC/NUTS need a deterministic potential; use the
-    samplers of ``probdiff`` for posteriors with a diffusion prior.)
+    NumPyro model (under ``SVI``, ``Predictive``, ``seed(model, key)``) draws a fresh key
+    from the seed handler each time the model runs. A fixed ``rng_key`` is for one-off
+    evaluation only: under SVI it would freeze the ELBO's noise across steps. With neither,
+    ``log_prob`` raises. [DiffusionELBO][probdiff.infer.DiffusionELBO] draws its own keys.
+    (NumPyro's HMC/NUTS need a deterministic potential, which the ELBO is not.)
 
     Args:
         eps_fn: ``eps_fn(x_t, t) -> eps``, any JAX callable returning an array shaped like
@@ -175,7 +176,8 @@ class GaussianDiffusion(dist.Distribution):
         variance: sigma_t^2 of the reverse kernels, ``"beta"`` (sigma_t^2 = beta_t) or
             ``"beta_tilde"`` (sigma_t^2 = beta_tilde_t for t >= 2; the decoder
             p_theta(x_0 | x_1) then uses beta_1, since beta_tilde_1 = 0).
-        rng_key: optional key for ``log_prob`` outside a ``seed`` handler.
+        rng_key: optional fixed key for ``log_prob`` outside a ``seed`` handler, for one-off
+            evaluation (not for training: every call would reuse the same noise).
         chunk_size: how many t the ELBO evaluates together: ``"auto"`` (default: by backend
             and data size, about 2048 scalars of x_t at a time on CPU), ``None`` (all T at once) or an
             int; see [map_over_t][probdiff.distributions.map_over_t]. Memory is bounded by
@@ -455,9 +457,10 @@ class GaussianDiffusion(dist.Distribution):
         if key is None:
             raise RuntimeError(
                 "GaussianDiffusion.log_prob is the ELBO, an estimate that needs randomness, and this "
-                "GaussianDiffusion has no key: build it inside the NumPyro model (it then takes a key "
-                "from the seed handler that SVI and Predictive apply), pass rng_key=... to "
-                "GaussianDiffusion, or call .elbo(rng_key, x_0) directly."
+                "GaussianDiffusion has no key: build it inside the NumPyro model (it then takes a fresh "
+                "key from the seed handler that SVI and Predictive apply), train with "
+                "probdiff.infer.DiffusionELBO (it draws its own keys), or for a one-off evaluation call "
+                ".elbo(rng_key, x_0) or pass rng_key=... to GaussianDiffusion."
             )
         return self.elbo(key, value)
 
@@ -494,7 +497,7 @@ class GaussianDiffusion(dist.Distribution):
             eps = self._eps(x_t, t)
             mean = mu_from_eps(s, t, x_t, eps, event_ndim=nd)
             z = jax.random.normal(jax.random.fold_in(key_steps, t), x_t.shape, x_t.dtype)
-            x_tm1 = mean + sigma[t].astype(x_t.dtype) * z
+            x_tm1 = (mean + sigma[t] * z).astype(x_t.dtype)  # keep the scan carry's dtype
             return x_tm1, (x_tm1 if return_trajectory else None)
 
         x_0, ys = jax.lax.scan(step, x_T, ts)

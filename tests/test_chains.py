@@ -234,7 +234,7 @@ def test_reverse_chain_bad_arguments(sched):
     with pytest.raises(ValueError, match="variance"):
         ReverseChain(eps_fn, lib, (2,), variance="bogus")
     with pytest.raises(ValueError, match="t_end"):
-        ReverseChain(eps_fn, lib, (2,), t_end=T)
+        ReverseChain(eps_fn, lib, (2,), t_end=T + 1)  # t_end = T (x_T alone) is allowed
     with pytest.raises(ValueError, match="t_end"):
         ReverseChain(eps_fn, lib, (2,), t_end=-1)
     with pytest.raises(ValueError, match="value"):

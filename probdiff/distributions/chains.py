@@ -4,7 +4,9 @@ A chain's value stacks its states along one time axis placed just left of the ev
 dimensions, **in increasing time**: for a data event shape ``E`` and batch shape ``B`` a
 value has shape ``B + (K,) + E``, and index ``i`` on that axis is the state at time
 ``t_first + i``. ``sample`` runs ``lax.scan`` over t (compile time does not grow with T);
-``log_prob`` sums the transition log-densities, evaluated for all t at once.
+``log_prob`` sums the transition log-densities (``ForwardChain``: all t at once, a closed
+form per step; ``ReverseChain``: eps_theta in chunks of t, see ``map_over_t``). A chain's
+value itself holds every state, so its memory grows with T.
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ import jax.numpy as jnp
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
-from probdiff.distributions.kernels import VARIANCES, call_eps, mu_from_eps, p_step, reverse_variance
+from probdiff.distributions.kernels import (
+    VARIANCES,
+    call_eps,
+    check_schedule,
+    mu_from_eps,
+    p_step,
+    reverse_variance,
+)
 from probdiff.schedules import Schedule
 
 __all__ = ["ForwardChain", "ReverseChain", "map_over_t", "resolve_chunk_size", "AUTO_CHUNK_ELEMENTS"]
@@ -107,6 +116,7 @@ class ForwardChain(dist.Distribution):
     reparametrized_params = ["x_0"]
 
     def __init__(self, schedule: Schedule, x_0, *, event_ndim: int = 1, validate_args=None):
+        check_schedule(schedule)
         x_0 = jnp.asarray(x_0)
         if x_0.ndim < event_ndim:
             raise ValueError(
@@ -158,7 +168,10 @@ class ForwardChain(dist.Distribution):
             raise ValueError(
                 f"value must have trailing shape (T,) + event = {self.event_shape}; got {jnp.shape(value)}"
             )
-        x_0 = jnp.broadcast_to(self.x_0, xs.shape[1:])
+        shape = jnp.broadcast_shapes(xs.shape[1:], self.x_0.shape)
+        xs = jnp.reshape(xs, (xs.shape[0],) + (1,) * (len(shape) + 1 - xs.ndim) + xs.shape[1:])
+        xs = jnp.broadcast_to(xs, (xs.shape[0],) + shape)
+        x_0 = jnp.broadcast_to(self.x_0, shape)
         prev = jnp.concatenate([x_0[None], xs[:-1]], axis=0)
         bshape = (s.num_steps,) + (1,) * (xs.ndim - 1)
         loc = jnp.sqrt(s.alpha[1:]).reshape(bshape) * prev
@@ -203,7 +216,7 @@ class ReverseChain(dist.Distribution):
         event_shape: shape of one data point x_0.
         variance: ``"beta"`` or ``"beta_tilde"`` (see
             [reverse_variance][probdiff.distributions.reverse_variance]).
-        t_end: the last time kept, 0 <= t_end < T.
+        t_end: the last time kept, 0 <= t_end <= T (t_end = T: the chain is x_T alone).
         batch_shape: batch shape of the chain.
         chunk_size: how many t ``log_prob`` evaluates together: an int, ``None`` (all at once)
             or ``"auto"`` (by backend and batch size; see
@@ -228,9 +241,10 @@ class ReverseChain(dist.Distribution):
     ):
         if variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+        check_schedule(schedule)
         T = schedule.num_steps
-        if not (0 <= int(t_end) < T):
-            raise ValueError(f"t_end must lie in 0..T-1 = 0..{T - 1}; got {t_end}")
+        if isinstance(t_end, bool) or int(t_end) != t_end or not (0 <= int(t_end) <= T):
+            raise ValueError(f"t_end must be an integer in 0..T = 0..{T}; got {t_end!r}")
         self.eps_fn = eps_fn
         self.schedule = schedule
         self.variance_kind = variance
@@ -267,7 +281,7 @@ class ReverseChain(dist.Distribution):
             eps = call_eps(self.eps_fn, x_t, t)
             mean = mu_from_eps(s, t, x_t, eps, event_ndim=nd)
             z = jax.random.normal(jax.random.fold_in(key_steps, t), x_t.shape, x_t.dtype)
-            x_tm1 = mean + sigma[t].astype(x_t.dtype) * z
+            x_tm1 = (mean + sigma[t] * z).astype(x_t.dtype)  # keep the scan carry's dtype
             return x_tm1, x_tm1
 
         _, ys = jax.lax.scan(step, x_T, ts)  # ys[i] = x_{T-1-i}

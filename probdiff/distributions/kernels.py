@@ -38,6 +38,7 @@ __all__ = [
     "x0_from_eps",
     "reverse_variance",
     "call_eps",
+    "check_schedule",
 ]
 
 #: The choices of the reverse-process variance sigma_t^2 (Ho et al. 2020, section 3.2).
@@ -54,6 +55,16 @@ def _coef(array, t, x, event_ndim: int, low: int = 1):
 def _normal(loc, scale, event_ndim: int) -> dist.Distribution:
     loc, scale = jnp.broadcast_arrays(loc, scale)
     return dist.Normal(loc, scale).to_event(event_ndim)
+
+
+def check_schedule(schedule):
+    """Raise a TypeError unless ``schedule`` is a :class:`probdiff.schedules.Schedule`."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            "schedule must be a probdiff.schedules.Schedule (from schedules.linear, cosine, sigmoid "
+            f"or from_betas); got {type(schedule).__name__}"
+        )
+    return schedule
 
 
 def _check_x(x, name: str, event_ndim: int):
@@ -92,6 +103,7 @@ def q_step(schedule: Schedule, t, x_tm1, *, event_ndim: int = 1) -> dist.Distrib
         >>> d.event_shape
         (2,)
     """
+    check_schedule(schedule)
     x_tm1 = _check_x(x_tm1, "x_tm1", event_ndim)
     t = check_t(t, schedule.num_steps)
     loc = jnp.sqrt(_coef(schedule.alpha, t, x_tm1, event_ndim)) * x_tm1
@@ -122,6 +134,7 @@ def q_marginal(schedule: Schedule, t, x_0, *, event_ndim: int = 1) -> dist.Distr
         >>> [round(float(v), 4) for v in d.variance]   # 1 - alpha_bar_T
         [1.0, 1.0]
     """
+    check_schedule(schedule)
     x_0 = _check_x(x_0, "x_0", event_ndim)
     t = check_t(t, schedule.num_steps)
     loc = jnp.sqrt(_coef(schedule.alpha_bar, t, x_0, event_ndim)) * x_0
@@ -138,6 +151,7 @@ def posterior_mean(schedule: Schedule, t, x_t, x_0, *, event_ndim: int = 1):
     (``004_*`` of the notes prints sqrt(alpha_bar_t) in the first coefficient; sqrt(alpha_t)
     is right, as Bayes' rule on a grid confirms in ``tests/test_kernels.py``.)
     """
+    check_schedule(schedule)
     x_t = _check_x(x_t, "x_t", event_ndim)
     x_0 = _check_x(x_0, "x_0", event_ndim)
     t = check_t(t, schedule.num_steps)
@@ -192,9 +206,11 @@ def mu_from_eps(schedule: Schedule, t, x_t, eps, *, event_ndim: int = 1):
     $$ \mu = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}\,\epsilon\Big) $$
 
     With the true eps of x_t = sqrt(alpha_bar_t) x_0 + sqrt(1-alpha_bar_t) eps this is exactly
-    mu_tilde_t(x_t, x_0); with eps_theta(x_t, t) it is mu_theta(x_t, t).
+    mu_tilde_t(x_t, x_0); with eps_theta(x_t, t) it is mu_theta(x_t, t). ``t`` in 1..T.
     """
-    t = jnp.asarray(t)
+    check_schedule(schedule)
+    x_t = _check_x(x_t, "x_t", event_ndim)
+    t = check_t(t, schedule.num_steps)
     beta = _coef(schedule.beta, t, x_t, event_ndim)
     omab = _coef(schedule.one_minus_alpha_bar, t, x_t, event_ndim)
     alpha = _coef(schedule.alpha, t, x_t, event_ndim)
@@ -205,8 +221,12 @@ def x0_from_eps(schedule: Schedule, t, x_t, eps, *, event_ndim: int = 1):
     r"""The clean point implied by a noise prediction, inverting q(x_t | x_0).
 
     $$ \hat x_0 = \frac{x_t - \sqrt{1-\bar\alpha_t}\,\epsilon}{\sqrt{\bar\alpha_t}} $$
+
+    ``t`` in 1..T.
     """
-    t = jnp.asarray(t)
+    check_schedule(schedule)
+    x_t = _check_x(x_t, "x_t", event_ndim)
+    t = check_t(t, schedule.num_steps)
     ab = _coef(schedule.alpha_bar, t, x_t, event_ndim)
     omab = _coef(schedule.one_minus_alpha_bar, t, x_t, event_ndim)
     return (x_t - jnp.sqrt(omab) * eps) / jnp.sqrt(ab)
@@ -223,6 +243,7 @@ def reverse_variance(schedule: Schedule, variance: str = "beta"):
 
     Entry 0 is 0 and never used.
     """
+    check_schedule(schedule)
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
     if variance == "beta":
@@ -279,6 +300,7 @@ def p_step(
         >>> d.event_shape
         (2,)
     """
+    check_schedule(schedule)
     x_t = _check_x(x_t, "x_t", event_ndim)
     t = check_t(t, schedule.num_steps)
     sigma2 = reverse_variance(schedule, variance)
