@@ -5,7 +5,7 @@ generative model, and [GaussianDiffusion][probdiff.GaussianDiffusion] a distribu
 that composes with any other sample site.
 """
 
-from probdiff import analytic, distributions, infer, nets, schedules
+from probdiff import analytic, checkpoint, distributions, infer, nets, schedules
 from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms
 
 __version__ = "0.1.0"
@@ -17,6 +17,7 @@ __all__ = [
     "SampleResult",
     "StepTerms",
     "analytic",
+    "checkpoint",
     "distributions",
     "infer",
     "nets",
