@@ -5,7 +5,7 @@ generative model, and [GaussianDiffusion][probdiff.GaussianDiffusion] a distribu
 that composes with any other sample site.
 """
 
-from probdiff import analytic, checkpoint, distributions, infer, nets, schedules
+from probdiff import analytic, checkpoint, distributions, infer, nets, schedules, training
 from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms
 
 __version__ = "0.1.0"
@@ -22,5 +22,6 @@ __all__ = [
     "infer",
     "nets",
     "schedules",
+    "training",
     "__version__",
 ]
