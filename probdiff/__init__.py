@@ -5,7 +5,7 @@ generative model, and [GaussianDiffusion][probdiff.GaussianDiffusion] a distribu
 that composes with any other sample site.
 """
 
-from probdiff import analytic, checkpoint, distributions, infer, nets, schedules, training
+from probdiff import analytic, checkpoint, data, distributions, infer, nets, schedules, training
 from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "StepTerms",
     "analytic",
     "checkpoint",
+    "data",
     "distributions",
     "infer",
     "nets",
