@@ -227,6 +227,9 @@ def save_checkpoint(path, tree, *, metadata=None, overwrite: bool = False) -> Pa
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # mode as for any new file
     try:
         save_file(tensors, str(tmp), metadata=meta)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # the writer may create it private; give it a new file's mode
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         if overwrite:

@@ -1,4 +1,4 @@
-"""The ``probdiff`` command.
+"""The ``probdiff`` command: ``demo``, ``train``, ``sample``, ``evaluate``.
 
 ``probdiff demo`` builds a diffusion on the built-in 2-D Gaussian data set with the exact
 optimal eps-function, prints the ELBO terms next to the exact log-likelihood, and writes
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--draws", type=_positive_int("--draws"), default=64, help="Monte-Carlo draws (default 64)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    from probdiff.cli_train import add_parsers
+
+    add_parsers(sub, _positive_int)
     return parser
 
 
@@ -131,11 +134,16 @@ def main(argv=None) -> int:
         parser.print_help()
         return 2
     from probdiff._io import OutputExistsError
+    from probdiff.checkpoint import CheckpointError
+    from probdiff.cli_train import dispatch
 
     try:
         if args.command == "demo":
             return run_demo(args)
-    except (OutputExistsError, NotADirectoryError) as err:
+        status = dispatch(args)
+        if status is not None:
+            return status
+    except (OutputExistsError, NotADirectoryError, FileNotFoundError, CheckpointError, ValueError) as err:
         print(f"probdiff {args.command}: {err}", file=sys.stderr)
         return 1
     parser.error(f"unknown command {args.command!r}")

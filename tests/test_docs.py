@@ -6,13 +6,13 @@ from pathlib import Path
 import pytest
 
 import probdiff
-from probdiff import analytic, checkpoint, data, distributions, infer, nets, schedules, training
+from probdiff import analytic, checkpoint, data, distributions, infer, nets, recipes, schedules, training
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 API_TEXT = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
 LEDGER = (DOCS / "math.md").read_text()
 
-PUBLIC = [(m, name) for m in (probdiff, schedules, distributions, analytic, nets, infer, checkpoint, training, data) for name in m.__all__]
+PUBLIC = [(m, name) for m in (probdiff, schedules, distributions, analytic, nets, infer, checkpoint, training, data, recipes) for name in m.__all__]
 
 
 @pytest.mark.parametrize("module, name", PUBLIC, ids=[f"{m.__name__}.{n}" for m, n in PUBLIC])
