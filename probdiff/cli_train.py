@@ -172,21 +172,26 @@ def run_train(args) -> int:
     print(f"probdiff train: {c['data']} ({train.shape[0]} rows, {held_out.shape[0]} held out), "
           f"{recipe.schedule}, MLP {c['hidden']}, {c['weighting']} loss, batch {c['batch_size']}, "
           f"steps {start_step} -> {c['steps']} on {jax.devices()[0].platform}")
+    from tqdm.auto import tqdm
+
     t0 = time.perf_counter()
     losses = list(done_losses)
     step = start_step
+    bar = tqdm(total=c["steps"], initial=start_step, desc="training", unit="step")
     try:
         while step < c["steps"]:
             n = min(args.checkpoint_every, c["steps"] - step)
             result = fit(recipe.svi, train, n, batch_size=c["batch_size"], rng_key=k_fit, state=state,
-                         ema_decay=c["ema_decay"], steps_per_call=min(500, n))
+                         ema_decay=c["ema_decay"], steps_per_call=min(500, n), progress_bar=bar)
             state, step = result.state, int(result.state.step)
             losses.extend(result.losses.tolist())
             save_state(ckpt, state, metadata={"config": c, "losses": losses}, overwrite=True)
     except NonFiniteLossError as err:
+        bar.close()
         print(f"probdiff train: {err}; the last good checkpoint is {ckpt if ckpt.exists() else 'not written yet'}",
               file=sys.stderr)
         return 1
+    bar.close()
     train_s = time.perf_counter() - t0
     diffusion = diffusion_from_params(recipe, state.ema)
     metrics, samples = _evaluate(diffusion, held_out, k_eval, HELD_OUT)

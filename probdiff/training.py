@@ -14,6 +14,7 @@ $$ \bar\theta_k = \delta\,\bar\theta_{k-1} + (1-\delta)\,\theta_k,\qquad \bar\th
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -74,6 +75,34 @@ def _check_data(data):
     return data
 
 
+def _batch_at(data, key_data, step, batch_size: int):
+    """The minibatch of step ``step``: ``batch_size`` rows drawn with replacement."""
+    idx = jax.random.randint(jax.random.fold_in(key_data, step), (batch_size,), 0, data.shape[0])
+    return data[idx]
+
+
+@functools.lru_cache(maxsize=32)
+def _block_fn(svi, batch_size: int, ema_decay: float):
+    """The jitted block of steps for one SVI object, cached so that successive ``fit`` calls
+    (checkpoint intervals, resumes) reuse one compilation."""
+
+    @jax.jit
+    def block(st, data, key_data, length_marker):
+        def one_step(st, _):
+            svi_state, loss = svi.update(st.svi_state, _batch_at(data, key_data, st.step, batch_size))
+            params = svi.optim.get_params(svi_state.optim_state)
+            ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, st.ema, params)
+            new = TrainState(svi_state, ema, st.step + 1)
+            ok = jnp.isfinite(loss)
+            # A non-finite step keeps the previous state: the block then runs on unchanged.
+            kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, st)
+            return kept, loss
+
+        return jax.lax.scan(one_step, st, None, length=length_marker.shape[0])
+
+    return block
+
+
 def fit(
     svi,
     data,
@@ -84,7 +113,7 @@ def fit(
     state: TrainState | None = None,
     ema_decay: float = 0.999,
     steps_per_call: int = 100,
-    progress_bar: bool = True,
+    progress_bar=True,
 ) -> FitResult:
     r"""Run ``num_steps`` SVI steps on minibatches of ``data``.
 
@@ -104,7 +133,8 @@ def fit(
             afresh with ``svi.init`` on the first minibatch.
         ema_decay: delta in [0, 1).
         steps_per_call: steps per compiled ``lax.scan`` block.
-        progress_bar: show a ``tqdm`` bar with the running loss.
+        progress_bar: show a ``tqdm`` bar with the running loss; or pass a ``tqdm`` bar to
+            advance (one bar over several calls; it is left open).
 
     Returns:
         A [FitResult][probdiff.training.FitResult].
@@ -122,41 +152,25 @@ def fit(
     if isinstance(steps_per_call, bool) or not isinstance(steps_per_call, int) or steps_per_call < 1:
         raise ValueError(f"steps_per_call must be an integer >= 1; got {steps_per_call!r}")
     data = _check_data(data)
-    n = data.shape[0]
     key_data, key_init = jax.random.split(rng_key)
 
-    def batch_at(step):
-        idx = jax.random.randint(jax.random.fold_in(key_data, step), (batch_size,), 0, n)
-        return data[idx]
-
+    block = _block_fn(svi, int(batch_size), float(ema_decay))
     if state is None:
-        state = init_state(svi, key_init, batch_at(0))
-
-    def one_step(st, _):
-        svi_state, loss = svi.update(st.svi_state, batch_at(st.step))
-        params = svi.optim.get_params(svi_state.optim_state)
-        ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, st.ema, params)
-        new = TrainState(svi_state, ema, st.step + 1)
-        ok = jnp.isfinite(loss)
-        # A non-finite step keeps the previous state: the block then runs on unchanged.
-        kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, st)
-        return kept, loss
-
-    @jax.jit
-    def block(st, length_marker):
-        return jax.lax.scan(one_step, st, None, length=length_marker.shape[0])
+        state = init_state(svi, key_init, _batch_at(data, key_data, 0, int(batch_size)))
 
     losses = []
-    bar = None
-    if progress_bar:
+    bar, own_bar = None, False
+    if hasattr(progress_bar, "update"):
+        bar = progress_bar  # the caller's bar, e.g. one bar over several fit calls
+    elif progress_bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=num_steps, desc="training", unit="step")
+        bar, own_bar = tqdm(total=num_steps, desc="training", unit="step"), True
     done = 0
     try:
         while done < num_steps:
             size = min(steps_per_call, num_steps - done)
-            new_state, block_losses = block(state, jnp.zeros((size,)))
+            new_state, block_losses = block(state, data, key_data, jnp.zeros((size,)))
             block_losses = np.asarray(block_losses)
             bad = ~np.isfinite(block_losses)
             if bad.any():
@@ -178,7 +192,7 @@ def fit(
                 bar.update(size)
                 bar.set_postfix(loss=f"{float(np.mean(block_losses)):.4g}")
     finally:
-        if bar is not None:
+        if own_bar:
             bar.close()
     return FitResult(state, np.asarray(losses, dtype=np.float64))
 
