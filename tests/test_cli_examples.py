@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from probdiff.cli import main
@@ -61,4 +62,15 @@ def test_example_gaussian_elbo_tiny(tmp_path):
     gaps = res["gap_vs_T"]["gap"]
     assert all(g >= 0 for g in gaps) and gaps[-1] < gaps[0]
     for name in ("gaussian_elbo.json", "b2_vs_b3.png", "elbo_gap_vs_T.png"):
+        assert (tmp_path / name).exists()
+
+
+def test_example_train_2d_tiny(tmp_path):
+    mod = runpy.run_path(str(ROOT / "examples" / "train_2d.py"))
+    res = mod["main"](["--steps", "10", "--T", "10", "--points", "256", "--width", "16", "--quiet",
+                       "--data", "two_moons", "--out", str(tmp_path)])
+    m = res["two_moons"]
+    # bits/dim is -ELBO / (2 log 2) of the reported held-out ELBO.
+    assert m["bits_per_dim"] == pytest.approx(-m["held_out_elbo_nats"] / (2 * np.log(2.0)))
+    for name in ("samples.png", "losses.png", "train_2d.json"):
         assert (tmp_path / name).exists()
