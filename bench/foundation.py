@@ -28,11 +28,8 @@ import datetime
 import json
 import math
 import os
-import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -40,10 +37,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpyro
+from _env import machine_info, versions
 from numpyro.infer import Trace_ELBO
 
-import probdiff
 from probdiff import GaussianDiffusion, schedules
 from probdiff.distributions.kernels import mu_from_eps, reverse_variance
 
@@ -321,56 +317,6 @@ def bench_sample(net, p, log):
 
 
 # ----------------------------------------------------------------------------- environment
-
-
-def machine_info():
-    info = {
-        "jax_devices": [str(dv) for dv in jax.devices()],
-        "jax_backend": jax.default_backend(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-        with open("/proc/meminfo") as fh:
-            info["mem_total"] = fh.readline().split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return info
-
-
-def versions():
-    import jaxlib
-
-    v = {
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "numpyro": numpyro.__version__,
-        "equinox": eqx.__version__,
-        "numpy": np.__version__,
-        "probdiff": probdiff.__version__,
-    }
-    try:
-        root = Path(probdiff.__file__).resolve().parent.parent
-        v["probdiff_git"] = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "probdiff"], capture_output=True, text=True
-        ).stdout.strip()
-        v["probdiff_git_dirty"] = bool(dirty)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return v
 
 
 def parameters(quick: bool):

@@ -40,11 +40,8 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -52,13 +49,11 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
-import numpyro
 import optax
+from _env import machine_info, versions
 from numpyro.infer import SVI
 from numpyro.infer.elbo import ELBO
 
-import probdiff
 from probdiff.data import eight_gaussians
 from probdiff.recipes import build
 from probdiff.training import TrainState, fit
@@ -69,42 +64,6 @@ EMA_DECAY = 0.999
 
 
 # --------------------------------------------------------------------------- helpers
-def machine_info():
-    info = {
-        "jax_devices": [str(d) for d in jax.devices()],
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
-        "loadavg_start": os.getloadavg(),
-    }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    info["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return info
-
-
-def versions():
-    out = {"jax": jax.__version__, "numpyro": numpyro.__version__, "equinox": eqx.__version__,
-           "optax": optax.__version__, "numpy": np.__version__,
-           "probdiff": getattr(probdiff, "__version__", None)}
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                           capture_output=True, text=True).stdout.strip()
-        out["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "probdiff"], cwd=root,
-                                               capture_output=True, text=True).stdout.strip())
-    except OSError:
-        pass
-    return out
-
-
 def block_ready(x):
     return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 

@@ -1,0 +1,71 @@
+"""What a benchmark records about where it ran: the machine and the versions of the stack."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+
+def machine_info() -> dict:
+    """JAX devices, platform, CPU model and count, memory, XLA flags and the load average."""
+    import jax
+
+    info = {
+        "jax_devices": [str(dv) for dv in jax.devices()],
+        "jax_backend": jax.default_backend(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+        "loadavg_start": os.getloadavg(),
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    info["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as fh:
+            info["mem_total"] = fh.readline().split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return info
+
+
+def versions() -> dict:
+    """Versions of jax, jaxlib, numpyro, equinox, optax, numpy and probdiff (with its git commit)."""
+    import equinox
+    import jax
+    import jaxlib
+    import numpy
+    import numpyro
+    import optax
+
+    import probdiff
+
+    v = {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "numpyro": numpyro.__version__,
+        "equinox": equinox.__version__,
+        "optax": optax.__version__,
+        "numpy": numpy.__version__,
+        "probdiff": probdiff.__version__,
+    }
+    root = Path(probdiff.__file__).resolve().parent.parent
+    try:
+        v["probdiff_git"] = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "probdiff"], capture_output=True, text=True
+        ).stdout.strip()
+        v["probdiff_git_dirty"] = bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return v
