@@ -24,7 +24,7 @@ import numpy as np
 import numpyro.distributions as dist
 
 from probdiff._checks import check_finite, is_concrete, take_t
-from probdiff.distributions.kernels import mu_from_eps, posterior_mean, reverse_variance
+from probdiff.distributions.kernels import posterior_mean, reverse_variance
 from probdiff.schedules import Schedule
 
 __all__ = [
@@ -141,12 +141,14 @@ def affine_reverse_coefficients(diffusion) -> AffineReverse:
     """
     if diffusion.event_ndim != 1:
         raise ValueError(f"affine closed forms need a vector event_shape (D,); got {diffusion.event_shape}")
+    if diffusion.variance_kind == "learned":
+        raise ValueError("affine closed forms need a fixed variance ('beta' or 'beta_tilde'); got 'learned'")
     s = diffusion.schedule
     D = diffusion.event_shape[0]
     zero = jnp.zeros((D,), s.dtype)
 
     def mean(x, t):
-        return mu_from_eps(s, t, x, diffusion._eps(x, t))
+        return diffusion._moments(t, x).mean
 
     ts = jnp.arange(1, s.num_steps + 1)
     A = jax.vmap(lambda t: jax.jacfwd(mean)(zero, t))(ts)

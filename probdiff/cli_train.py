@@ -31,6 +31,12 @@ def add_parsers(sub, positive_int) -> None:
     tr.add_argument("--T", type=positive_int("--T"), default=D["T"], help="diffusion steps (default 1000)")
     tr.add_argument("--schedule", choices=("linear", "cosine", "sigmoid"), default=D["schedule"])
     tr.add_argument("--weighting", choices=("simple", "vlb", "hybrid"), default=D["weighting"])
+    tr.add_argument("--t-sampling", choices=("uniform", "importance"), default=D["t_sampling"],
+                    help="how t is drawn (importance: improved DDPM's loss-aware proposal)")
+    tr.add_argument("--variance", choices=("beta", "beta_tilde", "learned"), default=D["variance"],
+                    help="sigma_t^2 of the reverse kernels (learned: needs --weighting hybrid or vlb)")
+    tr.add_argument("--parameterization", choices=("eps", "x0", "v"), default=D["parameterization"],
+                    help="what the network predicts")
     tr.add_argument("--hidden", default=",".join(map(str, D["hidden"])), help="hidden widths (default 256,256,256)")
     tr.add_argument("--lr", type=float, default=D["learning_rate"], help="Adam learning rate (default 1e-3)")
     tr.add_argument("--seed", type=int, default=D["seed"])
@@ -152,7 +158,12 @@ def run_train(args) -> int:
             hidden = [int(h) for h in args.hidden.split(",")]
         except ValueError:
             raise SystemExit(f"probdiff train: --hidden must be comma-separated integers; got {args.hidden!r}") from None
+        if args.variance == "learned" and args.weighting == "simple":
+            raise SystemExit("probdiff train: --variance learned needs --weighting hybrid or vlb "
+                             "(L_simple gives the variance no gradient)")
         config = {"data": args.data, "T": args.T, "schedule": args.schedule, "weighting": args.weighting,
+                  "t_sampling": args.t_sampling, "variance": args.variance,
+                  "parameterization": args.parameterization,
                   "hidden": hidden, "learning_rate": args.lr, "batch_size": args.batch_size,
                   "steps": args.steps, "seed": args.seed}
         done_losses = []

@@ -27,14 +27,15 @@ from numpyro.distributions.kl import kl_divergence
 from probdiff._checks import check_event, check_finite
 from probdiff.distributions.chains import ForwardChain, ReverseChain, map_over_t, resolve_chunk_size
 from probdiff.distributions.kernels import (
+    PARAMETERIZATIONS,
     VARIANCES,
-    call_eps,
-    mu_from_eps,
     p_step,
+    posterior_mean,
+    prediction_target,
     q_marginal,
     q_posterior,
     q_step,
-    reverse_variance,
+    reverse_moments,
 )
 from probdiff.schedules import Schedule
 
@@ -124,7 +125,8 @@ class StepTerms(NamedTuple):
             KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) for t >= 2 and the decoder's
             -log p_theta(x_0 | x_1) for t = 1; shape ``batch``.
         simple: ||eps - eps_theta(x_t, t)||^2 summed over the event, DDPM's L_simple
-            (Algorithm 1); shape ``batch``.
+            (Algorithm 1); for a network that predicts x_0 or v, the same squared error in
+            that parameterization, ||x_0 - x_theta||^2 or ||v - v_theta||^2; shape ``batch``.
     """
 
     vlb: jax.Array
@@ -173,9 +175,16 @@ class GaussianDiffusion(dist.Distribution):
             from ``numpyro.contrib.module``, an Equinox/Flax module or a plain function.
         schedule: the noise schedule ([probdiff.schedules][probdiff.schedules]).
         event_shape: shape of one data point x_0, e.g. ``(2,)`` or ``(8, 8, 1)``.
-        variance: sigma_t^2 of the reverse kernels, ``"beta"`` (sigma_t^2 = beta_t) or
+        variance: sigma_t^2 of the reverse kernels, ``"beta"`` (sigma_t^2 = beta_t),
             ``"beta_tilde"`` (sigma_t^2 = beta_tilde_t for t >= 2; the decoder
-            p_theta(x_0 | x_1) then uses beta_1, since beta_tilde_1 = 0).
+            p_theta(x_0 | x_1) then uses beta_1, since beta_tilde_1 = 0) or ``"learned"``
+            (the network returns ``(prediction, v)`` and log sigma_t^2 interpolates between
+            log beta_t and log beta_tilde_t, see
+            [learned_log_variance][probdiff.distributions.learned_log_variance]).
+        parameterization: what the network predicts: ``"eps"`` (default), ``"x0"`` or
+            ``"v"`` = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0; every formula goes
+            through the eps it implies
+            ([eps_from_prediction][probdiff.distributions.eps_from_prediction]).
         rng_key: optional fixed key for ``log_prob`` outside a ``seed`` handler, for one-off
             evaluation (not for training: every call would reuse the same noise).
         chunk_size: how many t the ELBO evaluates together: ``"auto"`` (default: by backend
@@ -195,7 +204,7 @@ class GaussianDiffusion(dist.Distribution):
 
     arg_constraints = {}
     pytree_data_fields = ("schedule", "rng_key")
-    pytree_aux_fields = ("eps_fn", "variance_kind", "chunk_size")
+    pytree_aux_fields = ("eps_fn", "variance_kind", "parameterization", "chunk_size")
 
     def __init__(
         self,
@@ -204,6 +213,7 @@ class GaussianDiffusion(dist.Distribution):
         event_shape,
         variance: str = "beta",
         *,
+        parameterization: str = "eps",
         rng_key=None,
         chunk_size="auto",
         validate_args=None,
@@ -216,6 +226,8 @@ class GaussianDiffusion(dist.Distribution):
             )
         if variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}")
         try:
             event_shape = tuple(int(n) for n in event_shape)
         except TypeError:
@@ -230,6 +242,7 @@ class GaussianDiffusion(dist.Distribution):
         self.eps_fn = eps_fn
         self.schedule = schedule
         self.variance_kind = variance
+        self.parameterization = parameterization
         self.rng_key = rng_key
         self.chunk_size = chunk_size
         super().__init__((), event_shape, validate_args=validate_args)
@@ -258,8 +271,18 @@ class GaussianDiffusion(dist.Distribution):
         x_0 = check_event(x_0, self.event_shape, name)
         return check_finite(x_0, name)
 
-    def _eps(self, x_t, t):
-        return call_eps(self.eps_fn, x_t, t)
+    def _p_step(self, t, x_t):
+        """p_theta(x_{t-1} | x_t) with this model's variance and parameterization."""
+        return p_step(
+            self.eps_fn, self.schedule, t, x_t, variance=self.variance_kind,
+            parameterization=self.parameterization, event_ndim=self.event_ndim,
+        )
+
+    def _moments(self, t, x_t):
+        return reverse_moments(
+            self.eps_fn, self.schedule, t, x_t, variance=self.variance_kind,
+            parameterization=self.parameterization, event_ndim=self.event_ndim,
+        )
 
     # -------------------------------------------------------------- the ELBO
     def elbo_terms(self, rng_key, x_0) -> ELBOTerms:
@@ -283,8 +306,7 @@ class GaussianDiffusion(dist.Distribution):
 
         # Reconstruction: log p_theta(x_0 | x_1), x_1 ~ q(x_1 | x_0).
         x_1 = q_marginal(s, 1, x_0, event_ndim=nd).sample(key_rec)
-        decoder = p_step(self.eps_fn, s, 1, x_1, variance=self.variance_kind, event_ndim=nd)
-        reconstruction = decoder.log_prob(x_0)
+        reconstruction = self._p_step(1, x_1).log_prob(x_0)
 
         # Prior matching: KL(q(x_T | x_0) || N(0, I)).
         q_T = q_marginal(s, T, x_0, event_ndim=nd)
@@ -298,8 +320,7 @@ class GaussianDiffusion(dist.Distribution):
         def denoising(t):
             x_t = q_marginal(s, t, x_0, event_ndim=nd).sample(jax.random.fold_in(key_den, t))
             q_post = q_posterior(s, t, x_t, x_0, event_ndim=nd)
-            p = p_step(self.eps_fn, s, t, x_t, variance=self.variance_kind, event_ndim=nd)
-            return kl_divergence(q_post, p)
+            return kl_divergence(q_post, self._p_step(t, x_t))
 
         kls = map_over_t(denoising, jnp.arange(2, T + 1), self.chunk_size, elements_per_t=x_0.size)
         return ELBOTerms(reconstruction, prior_matching, jnp.moveaxis(kls, 0, -1))
@@ -322,7 +343,7 @@ class GaussianDiffusion(dist.Distribution):
         """
         return self.elbo_terms(rng_key, x_0).total
 
-    def step_terms(self, rng_key, x_0, t) -> StepTerms:
+    def step_terms(self, rng_key, x_0, t, *, stop_gradient_mean: bool = False) -> StepTerms:
         r"""The loss of step t for each example, at one draw of x_t (MATH.md C1-C3).
 
         $$ x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon,\qquad
@@ -333,19 +354,22 @@ class GaussianDiffusion(dist.Distribution):
         One call of eps_fn per example. E[L_t] over x_t is the t-th term of the negative B2
         ELBO, so ELBO = -KL(q(x_T | x_0) || p(x_T)) - sum_t E[L_t]; the KL is exact
         (``numpyro.distributions.kl.kl_divergence``). Checked against the closed form for
-        Gaussian data in ``tests/test_sampled_t.py``.
+        Gaussian data in ``tests/test_sampled_t.py``. For a network that predicts x_0 or v,
+        L_simple is the squared error of that prediction
+        ([prediction_target][probdiff.distributions.prediction_target]).
 
         Args:
             rng_key: a JAX PRNG key (draws eps).
             x_0: data, shape ``batch + event_shape``.
             t: integer steps in 1..T, broadcasting over ``batch`` (one t per example, or one
                 for all).
+            stop_gradient_mean: compute L_t with ``lax.stop_gradient`` on mu_theta, so that
+                L_t trains only a learned variance (improved DDPM's hybrid objective).
 
         Returns:
             [StepTerms][probdiff.StepTerms] with arrays of shape ``batch``.
         """
         from probdiff._checks import check_t
-        from probdiff.distributions.kernels import posterior_mean
 
         x_0 = self._check_x0(x_0)
         s = self.schedule
@@ -355,13 +379,12 @@ class GaussianDiffusion(dist.Distribution):
         eps = jax.random.normal(rng_key, x_0.shape, x_0.dtype)
         q_t = q_marginal(s, t, x_0, event_ndim=nd)
         x_t = q_t.mean + jnp.sqrt(q_t.variance) * eps
-        eps_hat = self._eps(x_t, t)
-        simple = jnp.sum(jnp.reshape((eps - eps_hat) ** 2, batch + (-1,)), axis=-1)
+        m = self._moments(t, x_t)
+        target = prediction_target(s, t, x_0, eps, self.parameterization, event_ndim=nd)
+        simple = jnp.sum(jnp.reshape((target - m.prediction) ** 2, batch + (-1,)), axis=-1)
 
-        sigma = jnp.sqrt(reverse_variance(s, self.variance_kind)[t]).astype(x_0.dtype)
-        sigma = jnp.reshape(sigma, batch + (1,) * nd)
-        mean = mu_from_eps(s, t, x_t, eps_hat, event_ndim=nd)
-        p = dist.Normal(mean, jnp.broadcast_to(sigma, mean.shape)).to_event(nd)
+        mean = jax.lax.stop_gradient(m.mean) if stop_gradient_mean else m.mean
+        p = dist.Normal(mean, jnp.broadcast_to(jnp.sqrt(m.variance), mean.shape)).to_event(nd)
         decoder_nll = -p.log_prob(x_0)
         # The posterior at t = 1 is a point mass; give that unused branch a unit variance so
         # that neither its value nor its gradient is NaN.
@@ -431,15 +454,13 @@ class GaussianDiffusion(dist.Distribution):
         xs = jnp.moveaxis(chain, -(nd + 1), 0)  # xs[t - 1] = x_t, t = 1..T
         x_all = jnp.concatenate([x_0[None], xs], axis=0)  # x_all[t] = x_t, t = 0..T
 
-        decoder = p_step(self.eps_fn, s, 1, x_all[1], variance=self.variance_kind, event_ndim=nd)
-        reconstruction = decoder.log_prob(x_0)
+        reconstruction = self._p_step(1, x_all[1]).log_prob(x_0)
         prior = dist.Normal(jnp.zeros_like(x_0), jnp.ones_like(x_0)).to_event(nd)
         prior_matching = kl_divergence(q_step(s, T, x_all[T - 1], event_ndim=nd), prior)
 
         def consistency(t):
             log_q = q_step(s, t, x_all[t - 1], event_ndim=nd).log_prob(x_all[t])
-            log_p = p_step(self.eps_fn, s, t + 1, x_all[t + 1], variance=self.variance_kind, event_ndim=nd)
-            return log_q - log_p.log_prob(x_all[t])
+            return log_q - self._p_step(t + 1, x_all[t + 1]).log_prob(x_all[t])
 
         if T == 1:
             terms = jnp.zeros(x_0.shape[: x_0.ndim - nd] + (0,), x_0.dtype)
@@ -484,20 +505,17 @@ class GaussianDiffusion(dist.Distribution):
             [SampleResult][probdiff.SampleResult] with the trajectory.
         """
         s = self.schedule
-        nd = self.event_ndim
         shape = tuple(sample_shape) + self.batch_shape + self.event_shape
         key_T, key_steps = jax.random.split(key)
         x_T = jax.random.normal(key_T, shape, s.dtype)
-        sigma = jnp.sqrt(reverse_variance(s, self.variance_kind))
-        if not final_noise:
-            sigma = sigma.at[1].set(0.0)
         ts = jnp.arange(s.num_steps, 0, -1)
 
         def step(x_t, t):
-            eps = self._eps(x_t, t)
-            mean = mu_from_eps(s, t, x_t, eps, event_ndim=nd)
+            m = self._moments(t, x_t)
             z = jax.random.normal(jax.random.fold_in(key_steps, t), x_t.shape, x_t.dtype)
-            x_tm1 = (mean + sigma[t] * z).astype(x_t.dtype)  # keep the scan carry's dtype
+            if not final_noise:
+                z = jnp.where(t == 1, 0.0, z)
+            x_tm1 = (m.mean + jnp.sqrt(m.variance) * z).astype(x_t.dtype)  # keep the scan carry's dtype
             return x_tm1, (x_tm1 if return_trajectory else None)
 
         x_0, ys = jax.lax.scan(step, x_T, ts)
@@ -541,6 +559,7 @@ class GaussianDiffusion(dist.Distribution):
             self.schedule,
             self.event_shape,
             variance=self.variance_kind,
+            parameterization=self.parameterization,
             t_end=1,
             batch_shape=batch_shape,
             chunk_size=self.chunk_size,
@@ -548,8 +567,7 @@ class GaussianDiffusion(dist.Distribution):
         with _plates(batch_shape, name):
             x_1T = numpyro.sample(f"{name}_1:T", latent)
             x_1 = jnp.moveaxis(x_1T, -(nd + 1), 0)[0]
-            decoder = p_step(self.eps_fn, self.schedule, 1, x_1, variance=self.variance_kind, event_ndim=nd)
-            return numpyro.sample(f"{name}_0", decoder, obs=x_0)
+            return numpyro.sample(f"{name}_0", self._p_step(1, x_1), obs=x_0)
 
     def guide(self, x_0, *, name: str = "x"):
         r"""The forward chain q(x_{1:T} | x_0) as a NumPyro guide (MATH.md B1).

@@ -61,11 +61,17 @@ class MLP(eqx.Module):
     projection. The last layer starts at zero, so an untrained network predicts eps = 0 and
     its p_theta(x_{t-1} | x_t) is the plain rescaling x_t / sqrt(alpha_t).
 
+    With ``learn_variance=True`` the last layer has 2D outputs and the network returns the
+    pair ``(eps, v)``: v sets a learned sigma_t^2 for ``GaussianDiffusion(...,
+    variance="learned")`` (see [learned_log_variance][probdiff.distributions.learned_log_variance]);
+    it starts at v = 0, the geometric mean of beta_t and beta_tilde_t.
+
     Args:
         data_dim: D, the size of x_t's last axis.
         key: a JAX PRNG key for the initialisation.
         hidden: widths of the hidden layers.
         time_dim: size of the time embedding.
+        learn_variance: also output v (the network then returns ``(eps, v)``).
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -79,14 +85,17 @@ class MLP(eqx.Module):
     biases: list
     time_proj: jax.Array
     time_dim: int = eqx.field(static=True)
+    learn_variance: bool = eqx.field(static=True)
 
-    def __init__(self, data_dim: int, key, *, hidden=(256, 256, 256), time_dim: int = 32):
+    def __init__(
+        self, data_dim: int, key, *, hidden=(256, 256, 256), time_dim: int = 32, learn_variance: bool = False
+    ):
         if not isinstance(data_dim, int) or data_dim < 1:
             raise ValueError(f"data_dim must be a positive integer; got {data_dim!r}")
         hidden = tuple(int(h) for h in hidden)
         if not hidden or min(hidden) < 1:
             raise ValueError(f"hidden must be a non-empty sequence of positive widths; got {hidden}")
-        sizes = (data_dim,) + hidden + (data_dim,)
+        sizes = (data_dim,) + hidden + (data_dim * (2 if learn_variance else 1),)
         keys = jax.random.split(key, len(sizes))
         weights, biases = [], []
         for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -100,9 +109,13 @@ class MLP(eqx.Module):
         self.biases = biases
         self.time_proj = jax.random.normal(keys[-1], (hidden[0], time_dim)) / math.sqrt(time_dim)
         self.time_dim = time_dim
+        self.learn_variance = bool(learn_variance)
 
     def __call__(self, x_t, t):
-        """eps_theta(x_t, t) for x_t of shape ``batch + (D,)`` and t broadcasting over ``batch``."""
+        """eps_theta(x_t, t) for x_t of shape ``batch + (D,)`` and t broadcasting over ``batch``.
+
+        Returns eps, or ``(eps, v)`` when built with ``learn_variance=True``.
+        """
         x_t = jnp.asarray(x_t)
         if x_t.ndim < 1 or x_t.shape[-1] != self.weights[0].shape[1]:
             raise ValueError(
@@ -112,4 +125,7 @@ class MLP(eqx.Module):
         h = x_t @ self.weights[0].T + self.biases[0] + emb.astype(x_t.dtype) @ self.time_proj.T
         for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
             h = jax.nn.silu(h) @ w.T + b
+        if self.learn_variance:
+            D = x_t.shape[-1]
+            return h[..., :D], h[..., D:]
         return h

@@ -15,7 +15,7 @@ from numpyro.infer import SVI
 
 from probdiff import schedules
 from probdiff.diffusion import GaussianDiffusion
-from probdiff.infer import DiffusionELBO
+from probdiff.infer import DiffusionELBO, with_loss_history
 from probdiff.nets import MLP
 
 __all__ = ["DEFAULT_CONFIG", "build", "Recipe", "diffusion_from_params"]
@@ -28,9 +28,11 @@ DEFAULT_CONFIG = {
     "T": 1000,
     "schedule": "linear",
     "variance": "beta",
+    "parameterization": "eps",
     "hidden": [256, 256, 256],
     "time_dim": 32,
     "weighting": "simple",
+    "t_sampling": "uniform",
     "learning_rate": 1e-3,
     "batch_size": 512,
     "steps": 12_000,
@@ -58,16 +60,18 @@ class Recipe:
             raise ValueError(f"schedule must be linear, cosine or sigmoid; got {c['schedule']!r}")
         self.schedule = make(int(c["T"]))
         self.net0 = MLP(int(c["data_dim"]), jax.random.key(int(c["seed"])), hidden=tuple(c["hidden"]),
-                        time_dim=int(c["time_dim"]))
-        schedule, net0, variance, dim = self.schedule, self.net0, c["variance"], int(c["data_dim"])
+                        time_dim=int(c["time_dim"]), learn_variance=c["variance"] == "learned")
+        schedule, net0, dim = self.schedule, self.net0, int(c["data_dim"])
+        kinds = {"variance": c["variance"], "parameterization": c["parameterization"]}
 
         def model(x):
             net = eqx_module("eps_net", net0)
             with numpyro.plate("data", x.shape[0]):
-                numpyro.sample("x", GaussianDiffusion(net, schedule, (dim,), variance), obs=x)
+                numpyro.sample("x", GaussianDiffusion(net, schedule, (dim,), **kinds), obs=x)
 
-        self.model = model
-        self.svi = SVI(model, lambda x: None, optax.adam(float(c["learning_rate"])), DiffusionELBO(c["weighting"]))
+        self.model = with_loss_history(model) if c["t_sampling"] == "importance" else model
+        elbo = DiffusionELBO(c["weighting"], t_sampling=c["t_sampling"])
+        self.svi = SVI(self.model, lambda x: None, optax.adam(float(c["learning_rate"])), elbo)
 
 
 def build(config: dict) -> Recipe:
@@ -83,4 +87,6 @@ def diffusion_from_params(recipe: Recipe, params: dict) -> GaussianDiffusion:
     _, static = eqx.partition(recipe.net0, eqx.is_array)
     net = eqx.combine(params["eps_net$params"], static)
     c = recipe.config
-    return GaussianDiffusion(net, recipe.schedule, (int(c["data_dim"]),), c["variance"])
+    return GaussianDiffusion(
+        net, recipe.schedule, (int(c["data_dim"]),), c["variance"], parameterization=c["parameterization"]
+    )

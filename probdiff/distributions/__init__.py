@@ -8,21 +8,33 @@ from probdiff.distributions.chains import (
     resolve_chunk_size,
 )
 from probdiff.distributions.kernels import (
+    PARAMETERIZATIONS,
     VARIANCES,
+    ReverseMoments,
     call_eps,
+    eps_from_prediction,
+    learned_log_variance,
     mu_from_eps,
     p_step,
     posterior_mean,
+    prediction_target,
     q_marginal,
     q_posterior,
     q_step,
+    reverse_moments,
     reverse_variance,
     x0_from_eps,
 )
 
 __all__ = [
     "AUTO_CHUNK_ELEMENTS",
+    "PARAMETERIZATIONS",
     "VARIANCES",
+    "ReverseMoments",
+    "eps_from_prediction",
+    "learned_log_variance",
+    "prediction_target",
+    "reverse_moments",
     "ForwardChain",
     "ReverseChain",
     "call_eps",

@@ -19,12 +19,11 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from probdiff.distributions.kernels import (
+    PARAMETERIZATIONS,
     VARIANCES,
-    call_eps,
     check_schedule,
-    mu_from_eps,
     p_step,
-    reverse_variance,
+    reverse_moments,
 )
 from probdiff.schedules import Schedule
 
@@ -214,8 +213,10 @@ class ReverseChain(dist.Distribution):
         eps_fn: ``eps_fn(x_t, t) -> eps`` shaped like ``x_t``.
         schedule: the noise schedule (T steps).
         event_shape: shape of one data point x_0.
-        variance: ``"beta"`` or ``"beta_tilde"`` (see
-            [reverse_variance][probdiff.distributions.reverse_variance]).
+        variance: ``"beta"``, ``"beta_tilde"`` (see
+            [reverse_variance][probdiff.distributions.reverse_variance]) or ``"learned"``
+            (see [reverse_moments][probdiff.distributions.reverse_moments]).
+        parameterization: what the network predicts, ``"eps"``, ``"x0"`` or ``"v"``.
         t_end: the last time kept, 0 <= t_end <= T (t_end = T: the chain is x_T alone).
         batch_shape: batch shape of the chain.
         chunk_size: how many t ``log_prob`` evaluates together: an int, ``None`` (all at once)
@@ -225,7 +226,7 @@ class ReverseChain(dist.Distribution):
 
     arg_constraints = {}
     pytree_data_fields = ("schedule",)
-    pytree_aux_fields = ("eps_fn", "variance_kind", "t_end", "data_shape", "chunk_size")
+    pytree_aux_fields = ("eps_fn", "variance_kind", "parameterization", "t_end", "data_shape", "chunk_size")
 
     def __init__(
         self,
@@ -234,6 +235,7 @@ class ReverseChain(dist.Distribution):
         event_shape,
         *,
         variance: str = "beta",
+        parameterization: str = "eps",
         t_end: int = 0,
         batch_shape=(),
         chunk_size="auto",
@@ -241,6 +243,8 @@ class ReverseChain(dist.Distribution):
     ):
         if variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}")
         check_schedule(schedule)
         T = schedule.num_steps
         if isinstance(t_end, bool) or int(t_end) != t_end or not (0 <= int(t_end) <= T):
@@ -248,6 +252,7 @@ class ReverseChain(dist.Distribution):
         self.eps_fn = eps_fn
         self.schedule = schedule
         self.variance_kind = variance
+        self.parameterization = parameterization
         self.t_end = int(t_end)
         self.data_shape = tuple(event_shape)
         resolve_chunk_size(chunk_size, T, 1)  # validates
@@ -274,14 +279,15 @@ class ReverseChain(dist.Distribution):
         shape = tuple(sample_shape) + self.batch_shape + self.data_shape
         key_T, key_steps = jax.random.split(key)
         x_T = jax.random.normal(key_T, shape, s.dtype)
-        sigma = jnp.sqrt(reverse_variance(s, self.variance_kind))
         ts = jnp.arange(s.num_steps, self.t_end, -1)
 
         def step(x_t, t):
-            eps = call_eps(self.eps_fn, x_t, t)
-            mean = mu_from_eps(s, t, x_t, eps, event_ndim=nd)
+            m = reverse_moments(
+                self.eps_fn, s, t, x_t, variance=self.variance_kind,
+                parameterization=self.parameterization, event_ndim=nd,
+            )
             z = jax.random.normal(jax.random.fold_in(key_steps, t), x_t.shape, x_t.dtype)
-            x_tm1 = (mean + sigma[t] * z).astype(x_t.dtype)  # keep the scan carry's dtype
+            x_tm1 = (m.mean + jnp.sqrt(m.variance) * z).astype(x_t.dtype)  # keep the scan carry's dtype
             return x_tm1, x_tm1
 
         _, ys = jax.lax.scan(step, x_T, ts)  # ys[i] = x_{T-1-i}
@@ -303,7 +309,10 @@ class ReverseChain(dist.Distribution):
 
         def log_p(i):
             t = self.t_end + 1 + i
-            d = p_step(self.eps_fn, self.schedule, t, xs[i + 1], variance=self.variance_kind, event_ndim=nd)
+            d = p_step(
+                self.eps_fn, self.schedule, t, xs[i + 1], variance=self.variance_kind,
+                parameterization=self.parameterization, event_ndim=nd,
+            )
             return d.log_prob(xs[i])
 
         steps = map_over_t(log_p, jnp.arange(xs.shape[0] - 1), self.chunk_size, elements_per_t=xs[0].size)
