@@ -13,6 +13,12 @@ float32 (float64 under ``jax_enable_x64``). Each is jit-able with ``num`` static
 values are checked only when concrete). [load][probdiff.data.load] picks one by name from
 [DATASETS][probdiff.data.DATASETS].
 
+Images: [digits][probdiff.data.digits] returns scikit-learn's bundled 8x8 handwritten digits
+(integer pixels 0..16, shipped with scikit-learn, nothing downloaded);
+[dequantize][probdiff.data.dequantize] turns integer pixels into continuous data and
+[discrete_bits_per_dim][probdiff.data.discrete_bits_per_dim] converts a bound on that density
+into bits per pixel of the discrete images.
+
 [load_array][probdiff.data.load_array] reads user data from a ``.npy`` or ``.npz`` file, never
 unpickling anything. [energy_distance][probdiff.data.energy_distance] and
 [mmd_rbf][probdiff.data.mmd_rbf] compare two samples, e.g. generated points with data.
@@ -33,6 +39,10 @@ import numpy as np
 from probdiff._checks import is_concrete
 
 __all__ = [
+    "digits",
+    "DIGITS_LEVELS",
+    "dequantize",
+    "discrete_bits_per_dim",
     "eight_gaussians",
     "eight_gaussians_log_prob",
     "two_moons",
@@ -355,6 +365,85 @@ def load(name: str, key, num: int, **kwargs) -> jax.Array:
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK"  # local file header PK\x03\x04, or PK\x05\x06 for an empty zip
+
+
+# --------------------------------------------------------------------------- images
+#: Number of grey levels of scikit-learn's 8x8 digits (pixels 0..16).
+DIGITS_LEVELS = 17
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled 8x8 handwritten digits (UCI optical digits, 1797 images).
+
+    Returns:
+        ``(images, labels)``: images of shape ``(1797, 8, 8, 1)`` (channels last) with integer
+        grey levels 0..16 as ``int32``, and labels 0..9 of shape ``(1797,)``. The levels go
+        through [dequantize][probdiff.data.dequantize] with ``levels=17`` before a diffusion
+        sees them.
+
+    Raises:
+        ImportError: naming the package to install when scikit-learn is missing.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn is a dependency
+        raise ImportError("probdiff.data.digits needs scikit-learn: pip install scikit-learn") from err
+    bunch = load_digits()
+    images = np.asarray(bunch.images, np.int32)[..., None]
+    return images, np.asarray(bunch.target, np.int32)
+
+
+def dequantize(key, levels_array, levels: int) -> jax.Array:
+    r"""Uniform dequantisation of integer pixels k in 0..L-1 into [-1, 1).
+
+    $$ y = \frac{2\,(k + u)}{L} - 1,\qquad u\sim\mathcal{U}[0, 1)^D , $$
+
+    so each level k owns the cell [2k/L - 1, 2(k+1)/L - 1) and y is uniform inside it. Any
+    density p(y) then bounds the probability of the discrete image (Jensen, Theis et al.
+    2016): log P(k) >= E_u[log p(y)] + D log(2 / L); see
+    [discrete_bits_per_dim][probdiff.data.discrete_bits_per_dim].
+
+    Args:
+        key: a JAX PRNG key for u.
+        levels_array: integer pixels in 0..L-1, any shape.
+        levels: L >= 2.
+
+    Returns:
+        y, float32 (float64 under ``jax_enable_x64``), the shape of ``levels_array``.
+    """
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an integer >= 2; got {levels!r}")
+    k = jnp.asarray(levels_array)
+    if not jnp.issubdtype(k.dtype, jnp.integer):
+        raise TypeError(f"levels_array must hold integers 0..{levels - 1}; got dtype {k.dtype}")
+    if is_concrete(k) and k.size and (int(k.min()) < 0 or int(k.max()) >= levels):
+        raise ValueError(
+            f"levels_array must lie in 0..{levels - 1}; got values in {int(k.min())}..{int(k.max())}"
+        )
+    dtype = jnp.result_type(float)
+    u = jax.random.uniform(key, k.shape, dtype)
+    return 2.0 * (k.astype(dtype) + u) / levels - 1.0
+
+
+def discrete_bits_per_dim(log_density_nats, num_dims: int, levels: int):
+    r"""Bits per dimension of discrete data from a (bound on the) density of its dequantised form.
+
+    $$ \text{bits/dim} = -\frac{\log p(y) + D\log(2/L)}{D\log 2}, $$
+
+    with y from [dequantize][probdiff.data.dequantize]: D log(2/L) is the log-Jacobian of
+    k + u -> y. Given an ELBO of y, the result is an upper bound on -log2 P(k) / D. A density
+    uniform on [-1, 1]^D gives log2 L, the cost of storing each level without a model.
+
+    Args:
+        log_density_nats: log p(y) or an ELBO of it, per image, any shape.
+        num_dims: D, the number of pixels per image (times channels).
+        levels: L, the number of grey levels.
+    """
+    if isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 1:
+        raise ValueError(f"num_dims must be a positive integer; got {num_dims!r}")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValueError(f"levels must be an integer >= 2; got {levels!r}")
+    return -(jnp.asarray(log_density_nats) + num_dims * math.log(2.0 / levels)) / (num_dims * math.log(2.0))
 
 
 def _npy_header_dtype(fp):
