@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python bench/digits_unet.py            # full run (~6-8 min on 2 CPU cores)
+    python bench/digits_unet.py            # full run (~6 min on 2 CPU cores)
     python bench/digits_unet.py --quick    # smoke run (< 2 min; fewer steps and rounds, no torch.compile)
     python bench/digits_unet.py --out bench/results/digits_unet.json
 
@@ -31,16 +31,19 @@ B          hand-written JAX: the same UNet, ``jax.value_and_grad`` + ``optax.ada
            drawn exactly as ``fit`` draws them, ``steps`` steps in one jitted ``lax.scan``.
 B_lax      diagnostic, the "before": B with every convolution computed by
            ``lax.conv_general_dilated`` (NHWC/HWIO), i.e. XLA's CPU convolution, and the upsampling done
-           by repeating pixels. Inside ``lax.scan`` its backward convolutions run some 40x slower (see
-           the README), so it is timed as one jitted step per Python call (its best case); one scanned
-           block of three steps is timed once and recorded as ``B_lax_scan`` (full mode only).
+           by repeating pixels. Inside ``lax.scan`` its backward convolutions fall back to naive loops
+           (~20x slower, see the README), so it is timed as one jitted step per Python call (its best
+           case); one scanned block of three steps is timed once and recorded as ``B_lax_scan`` (full
+           mode only).
 T          PyTorch eager, ``torch.set_num_threads(os.cpu_count())``.
 T1         PyTorch eager with one thread (diagnostic: on a 2-core machine that another process
            shares, OpenMP's two threads wait on each other at every op).
 T_compile  ``torch.compile`` of the PyTorch network (full mode only; skipped if it fails).
 
-Rounds are interleaved in one process, the order rotated by one variant each round. The summary
-reports medians of steps/s and ratios of medians; compile times are excluded from them and
+Rounds are interleaved in one process, the order rotated by one variant each round, with a 1 s
+pause before every timed block so that the previous variant's spinning worker threads (OpenMP's
+or XLA's) do not compete with the next one. The summary reports medians of steps/s and ratios
+of medians (and the median of the per-round ratios); compile times are excluded from them and
 recorded separately.
 """
 
@@ -78,7 +81,8 @@ from probdiff.unet import UNet
 BATCH = 128
 T_STEPS = 1000
 LR = 2e-4
-SCAN_LAX_STEPS = 3  # XLA may unroll a 2-step loop, which hides the slow path
+SCAN_LAX_STEPS = 3
+PAUSE_S = 1.0  # idle time before every timed block
 NET_KW = {"base": 32, "mults": (1, 2), "time_dim": 64, "groups": 8}
 
 
@@ -310,8 +314,8 @@ def same_network_check(net, tnet, alpha_bar):
     def loss(p):
         return jnp.mean(jnp.sum((eps - eqx.combine(p, static)(x_t, t)) ** 2, axis=(1, 2, 3)))
 
-    out_j = np.asarray(net(x_t, t))
-    loss_j, g_j = jax.value_and_grad(loss)(params)
+    out_j = np.asarray(jax.jit(lambda p: eqx.combine(p, static)(x_t, t))(params))
+    loss_j, g_j = jax.jit(jax.value_and_grad(loss))(params)
     xt_t = torch.from_numpy(np.asarray(x_t).transpose(0, 3, 1, 2).copy())
     tt = torch.from_numpy(np.asarray(t).astype(np.int64))
     eps_t = torch.from_numpy(np.asarray(eps).transpose(0, 3, 1, 2).copy())
@@ -424,15 +428,18 @@ def main(argv=None):
         block_ready(carry_b)
         return float(jnp.mean(ls))
 
-    # ---- B_lax: the same loop on XLA's convolutions, one jitted step per call
+    # ---- B_lax: the same loop on XLA's convolutions, one jitted step per call. A fresh step
+    # function: lax.scan caches the trace of its body per Python function, and B's step was
+    # traced with the matmul convolutions.
+    _, hand_step_l = make_hand_step(static, alpha_bar, data_j, key_data)
     with xla_convolutions():
         carry_l = (params0, opt.init(params0), jax.random.key(7), jnp.zeros((), jnp.int32))
         t0 = time.perf_counter()
-        step_l = jax.jit(lambda c: hand_step(c, None)).lower(carry_l).compile()
+        step_l = jax.jit(lambda c: hand_step_l(c, None)).lower(carry_l).compile()
         compile_s["B_lax (one step)"] = time.perf_counter() - t0
         if not args.quick:
             t0 = time.perf_counter()
-            scan_l = jax.jit(lambda c: jax.lax.scan(hand_step, c, None, length=SCAN_LAX_STEPS)).lower(carry_l).compile()
+            scan_l = jax.jit(lambda c: jax.lax.scan(hand_step_l, c, None, length=SCAN_LAX_STEPS)).lower(carry_l).compile()
             compile_s[f"B_lax_scan ({SCAN_LAX_STEPS}-step block)"] = time.perf_counter() - t0
     carry_l, _ = step_l(carry_l)
     block_ready(carry_l)
@@ -496,6 +503,8 @@ def main(argv=None):
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            # let the previous variant's worker threads (OpenMP's, XLA's) go idle before timing
+            time.sleep(PAUSE_S)
             t0 = time.perf_counter()
             losses[name].append(runners[name]())
             raw[name].append(time.perf_counter() - t0)

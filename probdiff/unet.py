@@ -7,41 +7,41 @@ and an integer ``t`` that broadcasts over ``batch``; the batch is folded into th
 products, so callers need no ``vmap``. Register it in a model with
 ``numpyro.contrib.module.eqx_module("eps_net", net)``.
 
-Speed on CPU (``bench/digits_unet.py``; 8 x 8 x 1 digits, batch 128, base 32, 415k parameters,
-Adam, 2 shared AMD EPYC cores; ``bench/README.md`` has the full table). The time of a training
-step went, and now goes, here:
+Speed on CPU (``bench/digits_unet.py``: 8 x 8 x 1 digits, batch 128, ``base=32``, 414,817
+parameters, 8.1 GFLOP per training step, 2 shared AMD EPYC cores; the tables are in
+``bench/README.md``). Where the time of a training step went, and what this module does:
 
-* **XLA's CPU convolution inside ``lax.scan``.** ``lax.conv_general_dilated`` forward is fast
-  (Eigen), but the two backward convolutions come out of autodiff with layouts Eigen does not take
-  (``b01f_01oi->b01f`` for the input gradient, ``f01b_i01o->01bf`` for the kernel gradient). Jitted
-  alone, a step gets them rewritten and runs at ~6 steps/s; inside the ``lax.scan`` that
-  ``probdiff.training.fit`` and every scanned training loop use, they are left as they are and
-  XLA emits naive loops: ~7 s per step (0.1-0.2 steps/s), the "0.62x PyTorch" of the issue,
-  which had PyTorch slowed down as well by a busy machine (see the README).
-* **Convolutions as one matrix product (im2col).** [conv2d][probdiff.unet.conv2d] concatenates the
-  9 shifted views of the padded input on the channel axis and multiplies the (N H W, 9 C) patch
-  matrix by the kernel reshaped to (9 C, O): XLA sends that to its YNNPACK GEMM, at ~130 GFLOP/s
-  on the 2 cores; dots are ~60 of the ~100 ms of a step (8.1 GFLOP). The backward pass is a
-  ``custom_vjp``: the kernel gradient is one GEMM with the saved patches, the input gradient
-  either shifts back and sums the (N H W, 9 C) patch gradient (when O >= C) or multiplies the
-  patches of the output gradient by the flipped kernel (when O < C, the narrower buffer).
-  7.0-8.7 steps/s with plain autodiff of the im2col forward, ~8.3-9.3 with the custom VJP.
-  The rest of a step is memory traffic: building the 9x-wide patch buffers (XLA fuses a
-  concatenate of at most 3 operands, so the 9 views are written, then copied: ~20 ms) and the
-  fused GroupNorm/SiLU backward (~10 ms).
-* **GroupNorm** sums over the pixels per channel, then over the channels of a group, one pass for
-  the mean and the mean square (float32 or wider): ~5% faster than reducing over
-  (pixels, channels of a group) at once, which XLA hands to YNNPACK as slow reductions.
-* **Upsampling.** Nearest-neighbour upsampling followed by a 3x3 convolution equals, at the input
-  resolution, a 3x3 convolution with 4 O outputs (one kernel per output phase, built from sums of
-  the original taps) and a pixel shuffle: the same FLOPs on a 4x smaller patch matrix, ~4% per step.
+* **XLA's CPU convolution.** ``lax.conv_general_dilated`` is fast (Eigen) only in some layouts.
+  Autodiff's two backward convolutions (input gradient ``b01f_01oi->b01f``, kernel gradient
+  ``f01b_i01o->01bf``) are rewritten into them when a step is jitted alone: 5.1-5.9 steps/s,
+  0.52-0.60x PyTorch eager (the issue's "0.62x"). Inside the ``lax.scan`` that
+  ``probdiff.training.fit`` and every scanned loop use they are not, and XLA emits naive loops:
+  0.23 steps/s.
+* **Convolutions as GEMMs.** Here every convolution is one matrix product (XLA hands it to
+  YNNPACK, ~150 GFLOP/s on the 2 cores: ~56 of the ~95 ms of a step); the rest is memory traffic
+  (patch buffers, elementwise passes). One interleaved run of the hand-written training loop (16
+  rounds, steps/s relative to this module): im2col with autodiff, textbook GroupNorm,
+  upsample-then-conv 0.75; + hand-written VJPs (kernel gradient one GEMM with the saved patches,
+  input gradient through the narrower of two buffers) 0.81; + the row formulation for H >= 8
+  ([conv2d][probdiff.unet.conv2d]: k C-wide instead of k^2 C-wide patches, made in one fused
+  pass, for 25% more FLOPs at H = 8) 0.85; + GroupNorm summing per channel first (one pass for
+  both moments) 0.98; + upsampling at the input resolution
+  ([upsample_conv2d][probdiff.unet.upsample_conv2d]) 1.00. That is 10.2 steps/s, 1.02x PyTorch
+  eager and 0.99x ``torch.compile`` in that run. In the latest full run probdiff's ``fit``
+  path (SVI, ``DiffusionELBO``, EMA, NaN guard) trained at 1.14x PyTorch eager and 1.01x
+  ``torch.compile``.
+* **vmap.** The backward products contract the pixel axis with ``dot_general`` in place:
+  written as ``a.T @ b`` they made XLA copy the patch buffers when the network runs under
+  ``jax.vmap`` (up to 18% per step). [DiffusionELBO][probdiff.infer.DiffusionELBO] calls the
+  network without a vmap when ``num_t = 1`` (a size-1 vmap still cost 2-5%).
 
-Tried and dropped (interleaved A/B runs, within noise or slower): the batch in chunks of 16 or
-32 through ``lax.map`` (fewer, smaller GEMMs: 0.7x); XLA convolutions with a hand-written VJP in
-Eigen's layouts (works inside ``scan``, 0.8x of im2col); 9 matmuls summed instead of one (0.9x);
-shifting outputs instead of inputs (0.2x); a two-level concatenation (not fused either); exact
-2 x 2 kernels per phase for the upsampling (2.25x fewer FLOPs there, more buffers, 0.95x); an
-optimisation barrier before the patches; GroupNorm with a hand-written VJP (same speed).
+Tried and dropped (interleaved runs): the batch in chunks through ``lax.map`` (0.7x); XLA
+convolutions with a hand-written VJP in Eigen's layouts (fine inside ``scan``, 0.8x of im2col);
+9 products summed instead of one (0.9x); shifting the outputs instead of the inputs (0.2x); a
+two-level concatenation (XLA fuses a concatenation of at most 3 operands); exact 2 x 2 kernels
+per phase for the upsampling (2.25x fewer FLOPs there, 0.95x overall); GroupNorm with a
+hand-written VJP (no gain); ``jax.custom_batching.custom_vmap`` to fold the vmapped axis into
+the batch (breaks reverse-mode autodiff).
 """
 
 from __future__ import annotations
@@ -89,18 +89,19 @@ def _patches_adjoint(dp, k: int, c: int):
 
 
 @jax.custom_vjp
-def _conv_same(x, w):
-    """Stride-1 'same' k x k convolution of NHWC x with an HWIO kernel, as one matrix product."""
-    return _conv_same_fwd(x, w)[0]
+def _conv_patches(x, w):
+    """Stride-1 'same' k x k convolution of NHWC x with an HWIO kernel as one (N H W, k^2 C) x (k^2 C, O)
+    product (im2col); for small images (H < _ROWS_MIN_HEIGHT)."""
+    return _conv_patches_fwd(x, w)[0]
 
 
-def _conv_same_fwd(x, w):
+def _conv_patches_fwd(x, w):
     k, _, c, o = w.shape
     pm = _patches(x, k, 1).reshape(-1, k * k * c)
     return (pm @ w.reshape(k * k * c, o)).reshape(x.shape[:3] + (o,)), (pm, w)
 
 
-def _conv_same_bwd(res, g):
+def _conv_patches_bwd(res, g):
     pm, w = res
     k, _, c, o = w.shape
     n, h, wd, _ = g.shape
@@ -118,22 +119,91 @@ def _conv_same_bwd(res, g):
     return dx, dw
 
 
-_conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+_conv_patches.defvjp(_conv_patches_fwd, _conv_patches_bwd)
+
+
+def _row_patches(x, k: int):
+    """The k column shifts of x zero-padded by p on all sides, on the channel axis: (N, H + 2p, W, k C)."""
+    _, h, wd, _ = x.shape
+    p = (k - 1) // 2
+    xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    return jnp.concatenate([xp[:, :, v : v + wd] for v in range(k)], axis=-1)
+
+
+@jax.custom_vjp
+def _conv_rows(x, w):
+    r"""Stride-1 'same' k x k convolution as ONE product over padded rows, for H >= _ROWS_MIN_HEIGHT.
+
+    With R the k column shifts of the padded input (k C wide, H + 2p rows) and W_u the kernel row
+    u reshaped to (k C, O): Q = R [W_0 | ... | W_{k-1}], then y_i = sum_u Q_{i+u, u}. The product
+    also runs over the 2p padding rows that no output reads ((H + 2p) / H times the FLOPs of
+    im2col, 1.25 at H = 8), but R is k C wide instead of k^2 C and its concatenation of k <= 3
+    operands is fused by XLA into one pass.
+    """
+    return _conv_rows_fwd(x, w)[0]
+
+
+def _conv_rows_fwd(x, w):
+    k, _, c, o = w.shape
+    n, h, wd, _ = x.shape
+    r = _row_patches(x, k)
+    w_cat = jnp.transpose(w, (1, 2, 0, 3)).reshape(k * c, k * o)  # rows (v, c), columns (u, o)
+    q = (r.reshape(-1, k * c) @ w_cat).reshape(n, h + k - 1, wd, k, o)
+    y = q[:, 0:h, :, 0]
+    for u in range(1, k):
+        y = y + q[:, u : u + h, :, u]
+    return y, (r, w)
+
+
+def _conv_rows_bwd(res, g):
+    r, w = res
+    k, _, c, o = w.shape
+    n, h, wd, _ = g.shape
+    p = (k - 1) // 2
+    # dQ[:, i, :, u] = g[:, i - u] for 0 <= i - u < H, else 0
+    dq = jnp.stack([jnp.pad(g, ((0, 0), (u, k - 1 - u), (0, 0), (0, 0))) for u in range(k)], axis=3)
+    dq = dq.reshape(-1, k * o)
+    w_cat = jnp.transpose(w, (1, 2, 0, 3)).reshape(k * c, k * o)
+    # both products contract in place, without transposing the big operand (also under vmap)
+    dw_cat = jax.lax.dot_general(r.reshape(-1, k * c), dq, (((0,), (0,)), ((), ())))
+    dw = jnp.transpose(dw_cat.reshape(k, c, k, o), (2, 0, 1, 3))
+    dr = jax.lax.dot_general(dq, w_cat, (((1,), (1,)), ((), ()))).reshape(n, h + k - 1, wd, k * c)
+    # dR[:, a, j, (v, c)] is d/d x_padded[a, j + v]: shift each column block back, then unpad
+    dxp = 0
+    for v in range(k):
+        dxp = dxp + jnp.pad(dr[..., v * c : (v + 1) * c], ((0, 0), (0, 0), (v, k - 1 - v), (0, 0)))
+    return dxp[:, p : p + h, p : p + wd], dw
+
+
+_conv_rows.defvjp(_conv_rows_fwd, _conv_rows_bwd)
+
+# Images with at least this many rows use the row formulation of the stride-1 convolution
+# (measured faster from 8 x 8 up, slower at 4 x 4 where the padding rows add 50% FLOPs).
+_ROWS_MIN_HEIGHT = 8
+
+
+def _conv_same(x, w):
+    """Stride-1 'same' convolution: row formulation for tall images, im2col for small ones."""
+    return _conv_rows(x, w) if x.shape[1] >= _ROWS_MIN_HEIGHT else _conv_patches(x, w)
 
 
 def conv2d(x, w, b=None, *, stride: int = 1):
-    r"""A k x k convolution with zero 'same' padding, channels last, as ONE matrix product (im2col).
+    r"""A k x k convolution with zero 'same' padding, channels last, as matrix products.
 
     $$ y_{n,i,j,o} = b_o + \sum_{u,v=0}^{k-1}\sum_{c} \tilde x_{n,\,s i+u,\,s j+v,\,c}\;w_{u,v,c,o},
        \qquad \tilde x = x \text{ zero-padded by } p = (k-1)/2 \text{ on each side}, $$
 
     the cross-correlation ``lax.conv_general_dilated(x, w, (s, s), ((p, p), (p, p)),
     dimension_numbers=("NHWC", "HWIO", "NHWC"))`` (checked against it and against a numpy loop in
-    ``tests/test_unet.py``). The k^2 shifted views of the padded input are concatenated on the
-    channel axis in the (u, v) order of w's leading axes, so that the patch matrix of shape
-    (N H' W', k^2 C) multiplies w reshaped (for free) to (k^2 C, O): one GEMM instead of XLA's
-    CPU convolution (see the module docstring for why). At stride 1 the gradients are a
-    hand-written VJP, also GEMMs.
+    ``tests/test_unet.py``), computed with GEMMs instead of XLA's CPU convolution (the module
+    docstring says why):
+
+    * stride 1, H >= 8: the k column shifts of the padded input (k C wide) times the k kernel rows
+      side by side, (k C, k O); output row i sums block u of product row i + u;
+    * stride 1, H < 8 (and stride 2): im2col, the k^2 shifted views concatenated on the channel axis
+      in the (u, v) order of w's leading axes, times w reshaped (for free) to (k^2 C, O).
+
+    At stride 1 the gradients are hand-written VJPs, also GEMMs.
 
     Args:
         x: input of shape (N, H, W, C).

@@ -310,7 +310,7 @@ def call_eps(eps_fn: Callable, x_t, t, *, learned_variance: bool = False):
 def learned_log_variance(schedule: Schedule, t, v, *, event_ndim: int = 1):
     r"""log sigma_t^2 of a learned reverse variance (improved DDPM, Nichol & Dhariwal 2021, eq. 15).
 
-    $$ \log\sigma_t^2 = f\,\logeta_t + (1-f)\,\log	ildeeta_t,\qquad f = rac{v+1}{2}, $$
+    $$ \log\sigma_t^2 = f\,\log\beta_t + (1-f)\,\log\tilde\beta_t,\qquad f = \frac{v+1}{2}, $$
 
     an interpolation in the log domain between the two fixed choices, so v = 1 gives beta_t,
     v = -1 gives beta_tilde_t and an untrained network (v = 0) their geometric mean. At t = 1,
@@ -340,8 +340,8 @@ def eps_from_prediction(schedule: Schedule, t, x_t, prediction, parameterization
     With x_t = sqrt(alpha_bar_t) x_0 + sqrt(1-alpha_bar_t) eps and
     v = sqrt(alpha_bar_t) eps - sqrt(1-alpha_bar_t) x_0:
 
-    $$ \epsilon = rac{x_t - \sqrt{arlpha_t}\,\hat x_0}{\sqrt{1-arlpha_t}}\ \ (	exttt{"x0"}),
-       \qquad \epsilon = \sqrt{arlpha_t}\,\hat v + \sqrt{1-arlpha_t}\,x_t\ \ (	exttt{"v"}), $$
+    $$ \epsilon = \frac{x_t - \sqrt{\bar\alpha_t}\,\hat x_0}{\sqrt{1-\bar\alpha_t}}\ \ (\texttt{"x0"}),
+       \qquad \epsilon = \sqrt{\bar\alpha_t}\,\hat v + \sqrt{1-\bar\alpha_t}\,x_t\ \ (\texttt{"v"}), $$
 
     and the prediction itself for ``"eps"``. ``t`` in 1..T.
     """
@@ -360,7 +360,7 @@ def prediction_target(schedule: Schedule, t, x_0, eps, parameterization: str = "
     r"""What a network of the given parameterization should output at x_t = sqrt(alpha_bar_t) x_0 + sqrt(1-alpha_bar_t) eps.
 
     eps for ``"eps"``, x_0 for ``"x0"`` and
-    $v = \sqrt{arlpha_t}\,\epsilon - \sqrt{1-arlpha_t}\,x_0$ for ``"v"``: the target of
+    $v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1-\bar\alpha_t}\,x_0$ for ``"v"``: the target of
     L_simple = ||target - prediction||^2 in that parameterization.
     """
     if parameterization not in PARAMETERIZATIONS:
@@ -402,8 +402,8 @@ def reverse_moments(
 ) -> ReverseMoments:
     r"""Mean and variance of the reverse kernel from one network call (MATH.md C1, C2).
 
-    $$ \mu_	heta(x_t, t) = rac{1}{\sqrt{lpha_t}}\Big(x_t - rac{eta_t}{\sqrt{1-arlpha_t}}
-       \,\epsilon_	heta(x_t, t)\Big), $$
+    $$ \mu_\theta(x_t, t) = \frac{1}{\sqrt{\alpha_t}}\Big(x_t - \frac{\beta_t}{\sqrt{1-\bar\alpha_t}}
+       \,\epsilon_\theta(x_t, t)\Big), $$
 
     with eps_theta from the network's prediction by
     [eps_from_prediction][probdiff.distributions.eps_from_prediction], and sigma_t^2 from
