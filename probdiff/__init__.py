@@ -5,7 +5,7 @@ generative model, and [GaussianDiffusion][probdiff.GaussianDiffusion] a distribu
 that composes with any other sample site.
 """
 
-from probdiff import analytic, checkpoint, data, distributions, infer, nets, schedules, training
+from probdiff import analytic, checkpoint, data, distributions, infer, nets, samplers, schedules, training
 from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "distributions",
     "infer",
     "nets",
+    "samplers",
     "schedules",
     "training",
     "__version__",

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
+from jax.scipy.special import logsumexp
 
 from probdiff._checks import check_finite, is_concrete, take_t
 from probdiff.distributions.kernels import posterior_mean, reverse_variance
@@ -29,6 +30,7 @@ from probdiff.schedules import Schedule
 
 __all__ = [
     "GaussianData",
+    "GaussianMixture",
     "optimal_eps_fn",
     "affine_reverse_coefficients",
     "affine_reverse_marginal",
@@ -65,6 +67,85 @@ class GaussianData(NamedTuple):
     def log_prob(self, x_0) -> jax.Array:
         """log pi(x_0), the true data log-density."""
         return self.distribution().log_prob(x_0)
+
+
+class GaussianMixture(NamedTuple):
+    r"""An isotropic Gaussian mixture and its exact noised scores (MATH.md D3, D4).
+
+    $$ p_\sigma(x) = \sum_k w_k\,\mathcal N\big(x;\ \mu_k,\ (s^2+\sigma^2) I\big),\qquad
+       s(x,\sigma) = \nabla_x \log p_\sigma(x), $$
+
+    the data p_0 convolved with N(0, sigma^2 I): the density that a noise-conditional score
+    network s_theta(x, sigma) learns and annealed Langevin dynamics samples. With a diffusion
+    schedule, q(x_t) is the mixture scaled by sqrt(alpha_bar_t) with variance
+    alpha_bar_t s^2 + 1 - alpha_bar_t (see [score_t][probdiff.analytic.GaussianMixture.score_t]).
+
+    Attributes:
+        means: mu_k, shape (K, D).
+        weights: w_k, shape (K,), positive, summing to 1.
+        scale: s > 0, the standard deviation of every component.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from probdiff.analytic import GaussianMixture
+        >>> m = GaussianMixture(jnp.array([[-2.0], [2.0]]), jnp.array([0.5, 0.5]), 0.5)
+        >>> float(m.score(jnp.zeros((1, 1)), 1.0)[0, 0])   # symmetric: no pull at 0
+        0.0
+    """
+
+    means: jax.Array
+    weights: jax.Array
+    scale: float
+
+    @classmethod
+    def three_modes(cls) -> GaussianMixture:
+        """Three well separated modes in 2-D with unequal weights 0.2, 0.3, 0.5 (scale 0.5)."""
+        return cls(jnp.array([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]]), jnp.array([0.2, 0.3, 0.5]), 0.5)
+
+    def log_prob(self, x, sigma=0.0) -> jax.Array:
+        """log p_sigma(x) for x of shape ``batch + (D,)``."""
+        mu = jnp.asarray(self.means)
+        v = self.scale**2 + jnp.asarray(sigma) ** 2
+        d = mu.shape[-1]
+        sq = jnp.sum((jnp.asarray(x)[..., None, :] - mu) ** 2, -1)
+        comp = -0.5 * sq / v - 0.5 * d * jnp.log(2 * jnp.pi * v)
+        return logsumexp(comp + jnp.log(jnp.asarray(self.weights)), -1)
+
+    def score(self, x, sigma=0.0) -> jax.Array:
+        r"""s(x, sigma) = sum_k r_k(x) (mu_k - x) / (s^2 + sigma^2), r_k the posterior responsibility."""
+        v = self.scale**2 + jnp.asarray(sigma) ** 2
+        return _mixture_score(jnp.asarray(x), jnp.asarray(self.means), v, self.weights)
+
+    def score_t(self, x_t, t, schedule: Schedule) -> jax.Array:
+        r"""The score of q(x_t) = sum_k w_k N(sqrt(ab_t) mu_k, (ab_t s^2 + 1 - ab_t) I).
+
+        ``t`` is a scalar integer in 0..T or one per example (shape ``x_t.shape[:-1]``).
+        """
+        x_t = jnp.asarray(x_t)
+        ab = jnp.asarray(schedule.alpha_bar[t], x_t.dtype)[..., None]  # batch + (1,)
+        omab = jnp.asarray(schedule.one_minus_alpha_bar[t], x_t.dtype)[..., None]
+        mu = jnp.sqrt(ab)[..., None] * jnp.asarray(self.means)  # batch + (K, D)
+        return _mixture_score(x_t, mu, ab * self.scale**2 + omab, self.weights)
+
+    def sample(self, key, n: int) -> jax.Array:
+        """n exact draws of p_0, shape (n, D)."""
+        k1, k2 = jax.random.split(key)
+        c = jax.random.choice(k1, len(self.weights), (n,), p=jnp.asarray(self.weights))
+        mu = jnp.asarray(self.means)
+        return mu[c] + self.scale * jax.random.normal(k2, (n, mu.shape[-1]))
+
+    def mode_weights(self, x) -> np.ndarray:
+        """The share of the points x (shape (n, D)) nearest to each mean mu_k."""
+        x = jnp.asarray(x)
+        nearest = np.asarray(jnp.argmin(jnp.sum((x[:, None] - jnp.asarray(self.means)) ** 2, -1), 1))
+        return np.bincount(nearest, minlength=len(self.weights)) / len(x)
+
+
+def _mixture_score(x, mu, v, weights):
+    """Score of sum_k w_k N(mu_k, v I) at x: mu of shape (..., K, D), v broadcasting to x[..., :1]."""
+    sq = jnp.sum((x[..., None, :] - mu) ** 2, -1)  # (..., K)
+    r = jax.nn.softmax(-0.5 * sq / v + jnp.log(jnp.asarray(weights)), axis=-1)
+    return (jnp.sum(r[..., None] * mu, -2) - x) / v
 
 
 def _check_gaussian(mu, cov):

@@ -10,10 +10,44 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import io  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_chains", "plot_denoising_terms"]
+__all__ = ["plot_chains", "plot_denoising_terms", "save_png"]
+
+
+def save_png(fig, path, *, dpi: int = 90, palette: bool = True) -> Path:
+    """Save a Matplotlib figure as a PNG and close it.
+
+    With ``palette=True`` the image is stored with a 256-colour palette (Pillow, which
+    Matplotlib depends on): about a third of the size of an RGBA PNG, with the same look for
+    line plots and scatter plots.
+
+    Args:
+        fig: the figure.
+        path: where to write it.
+        dpi: resolution.
+        palette: quantise to 256 colours.
+
+    Returns:
+        the path written.
+    """
+    path = Path(path)
+    if not palette:
+        fig.savefig(path, dpi=dpi)
+        plt.close(fig)
+        return path
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    buf.seek(0)
+    Image.open(buf).convert("RGB").quantize(256).save(path, optimize=True)
+    return path
 
 
 def _scatter(ax, x, color, title, lim):

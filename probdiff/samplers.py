@@ -283,6 +283,18 @@ def annealed_langevin(
     Returns:
         a [Sampler][probdiff.samplers.Sampler] with ``L * steps_per_level`` steps (plus one
         with ``denoise``).
+
+    Examples:
+        Data N(0, 1) noised at sigma is N(0, 1 + sigma^2), with score -x / (1 + sigma^2):
+
+        >>> import jax, jax.numpy as jnp
+        >>> from probdiff import samplers
+        >>> sampler = samplers.annealed_langevin(lambda x, sigma: -x / (1 + sigma**2),
+        ...                                      jnp.array([0.1, 0.5, 2.0]), step_size=0.02,
+        ...                                      steps_per_level=300)
+        >>> x = samplers.run(sampler, jax.random.key(0), (4000, 1))
+        >>> bool(abs(float(jnp.var(x)) - 1.01) < 0.1)   # N(0, 1 + sigma_1^2), SE 0.02
+        True
     """
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable score_fn(x, sigma); got {type(score_fn).__name__}")
@@ -509,6 +521,13 @@ def ddim(
 
     Returns:
         a [Sampler][probdiff.samplers.Sampler] with S steps.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from probdiff import schedules, samplers
+        >>> sampler = samplers.ddim(schedules.linear(100), eps_fn=lambda x, t: jnp.zeros_like(x), num_steps=10)
+        >>> samplers.run(sampler, jax.random.key(0), (5, 2)).shape
+        (5, 2)
     """
     schedule, eps_m, _ = _model_fns(source, eps_fn, score_fn, "ddim")
     T = schedule.num_steps

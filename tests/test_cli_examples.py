@@ -103,3 +103,61 @@ def test_example_train_digits_tiny_and_resume(tmp_path):
         np.testing.assert_array_equal(raw(b[name]), raw(c[name]), err_msg=name)
     with pytest.raises(FileExistsError):
         mod["main"](tiny + ["--steps", "4", "--out", str(tmp_path / "a")])
+
+
+def test_example_langevin_stationarity_tiny(tmp_path):
+    import scipy.integrate
+    import scipy.special
+
+    mod = runpy.run_path(str(ROOT / "examples" / "langevin_stationarity.py"))
+    res = mod["main"](["--tiny", "--out", str(tmp_path)])
+    for name in ("stationarity.png", "ebm.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["stationarity"]["chains"] == res["stationarity"]["chains"]
+
+    # (a) E1: chains started at draws of p stay within the KS noise of n exact draws; chains
+    # started at the point mass begin at KS ~ 1 and move toward p
+    a = res["stationarity"]
+    for name in ("ULA", "MALA"):
+        assert max(a[name]["from_p"]["ks"]) < 2 * a["ks_noise_floor_95"], (name, a[name]["from_p"]["ks"])
+        ks = a[name]["from_point_mass"]["ks"]
+        assert ks[0] > 0.99 and ks[-1] < ks[1] < ks[0], (name, ks)
+    # ULA's stationary variance on N(0, 1) is 1 / (1 - eta/4), MALA's is 1 (5 SE from the ESS)
+    v = a["variance_on_standard_normal"]
+    for j, eta in enumerate(v["eta"]):
+        assert v["closed_form_ula"][j] == pytest.approx(1 / (1 - eta / 4))
+        assert abs(v["ULA"][j] - v["closed_form_ula"][j]) < 5 * v["ULA_se"][j]
+        assert abs(v["MALA"][j] - 1.0) < 5 * v["MALA_se"][j]
+        assert v["ULA"][j] > v["MALA"][j]
+
+    # (b) D1: log Z by the script's 2-D grid against polar coordinates,
+    # Z = int_0^inf exp(-(r - 2)^2 / (2 0.3^2)) 2 pi I_0(r / 2) r dr
+    b = res["energy_based_model"]
+    z, _ = scipy.integrate.quad(lambda r: np.exp(-(r - 2) ** 2 / 0.18) * 2 * np.pi * scipy.special.i0(r / 2) * r, 0, 8)
+    assert b["log_Z_quadrature"] == pytest.approx(np.log(z), abs=1e-4)
+    # adding log Z or 100 to E leaves the chains as they are, up to a rare float32 flip of an accept
+    for label in ("E + log Z", "E + 100"):
+        run = b["runs"][label]
+        assert run["chains_differing_from_E_run"] <= 0.01 * b["chains"], (label, run)
+        for k, m in run["moments"].items():
+            assert m == pytest.approx(b["runs"]["E"]["moments"][k], abs=0.5 * run["moments_se"][k])
+
+
+def test_example_annealed_langevin_tiny(tmp_path):
+    from probdiff._io import OutputExistsError
+
+    mod = runpy.run_path(str(ROOT / "examples" / "annealed_langevin.py"))
+    res = mod["main"](["--tiny", "--out", str(tmp_path)])
+    for name in ("annealed_langevin.png", "trajectory.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert saved["annealed"]["mmd2"] == pytest.approx(res["annealed"]["mmd2"])
+    # plain Langevin is far outside the noise floor of two exact sets, annealed much closer;
+    # annealed gets the mode weights closer to the true ones
+    assert res["plain"]["mmd2"] > 5 * res["mmd2_noise_floor"]
+    assert res["annealed"]["mmd2"] < res["plain"]["mmd2"] / 3
+    w = np.asarray(res["true_weights"])
+    err = {k: np.max(np.abs(np.asarray(res[k]["mode_weights"]) - w)) for k in ("annealed", "plain")}
+    assert err["annealed"] < err["plain"], err
+    with pytest.raises(OutputExistsError):
+        mod["main"](["--tiny", "--out", str(tmp_path)])

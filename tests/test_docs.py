@@ -6,13 +6,24 @@ from pathlib import Path
 import pytest
 
 import probdiff
-from probdiff import analytic, checkpoint, data, distributions, infer, nets, recipes, schedules, training
+from probdiff import (
+    analytic,
+    checkpoint,
+    data,
+    distributions,
+    infer,
+    nets,
+    recipes,
+    samplers,
+    schedules,
+    training,
+)
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 API_TEXT = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
 LEDGER = (DOCS / "math.md").read_text()
 
-PUBLIC = [(m, name) for m in (probdiff, schedules, distributions, analytic, nets, infer, checkpoint, training, data, recipes) for name in m.__all__]
+PUBLIC = [(m, name) for m in (probdiff, schedules, distributions, analytic, nets, infer, samplers, checkpoint, training, data, recipes) for name in m.__all__]
 
 
 @pytest.mark.parametrize("module, name", PUBLIC, ids=[f"{m.__name__}.{n}" for m, n in PUBLIC])
@@ -33,6 +44,7 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "ForwardChain", "ReverseChain", "GaussianDiffusion.elbo", "elbo_terms",
         "elbo_consistency_terms", "GaussianDiffusion.sample", "optimal_eps_fn",
         "affine_reverse_marginal", "affine_elbo_terms", "schedules.linear", "schedules.cosine",
+        "ULA", "MALA", "annealed_langevin", "predictor_corrector", "ddim", "score_from_eps",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):
@@ -42,3 +54,16 @@ def test_math_bearing_names_have_a_ledger_row(name):
 def test_methods_of_gaussian_diffusion_have_docstrings():
     for name in ("model", "guide", "elbo", "elbo_terms", "elbo_consistency_terms", "sample", "bits_per_dim", "log_prob"):
         assert inspect.getdoc(getattr(probdiff.GaussianDiffusion, name)), name
+
+
+def test_no_control_characters_in_sources():
+    """A docstring written through a non-raw string once turned \\beta into a backspace."""
+    root = DOCS.parent
+    bad = []
+    for folder in ("probdiff", "tests", "examples", "bench", "docs"):
+        for path in (root / folder).rglob("*"):
+            if path.suffix in (".py", ".md") and path.is_file():
+                text = path.read_text()
+                if any(ord(c) < 32 and c not in "\n\r" for c in text):
+                    bad.append(str(path.relative_to(root)))
+    assert not bad, f"control characters (e.g. a backspace from an unescaped \\b) in {bad}"

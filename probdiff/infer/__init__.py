@@ -1,7 +1,7 @@
 """Inference: ELBOs for SVI (MATH.md C3) and Langevin MCMC kernels (MATH.md D1)."""
 
 from probdiff.infer.elbo import T_SAMPLINGS, WEIGHTINGS, DiffusionELBO, importance_probs, with_loss_history
-from probdiff.infer.langevin import MALA, ULA, LangevinState
+from probdiff.infer.langevin import MALA, ULA, BlackJAXKernel, BlackJAXState, LangevinState
 
 __all__ = [
     "DiffusionELBO",
@@ -12,4 +12,6 @@ __all__ = [
     "ULA",
     "MALA",
     "LangevinState",
+    "BlackJAXKernel",
+    "BlackJAXState",
 ]

@@ -42,7 +42,7 @@ from numpyro.infer.mcmc import MCMCKernel
 from numpyro.infer.util import init_to_uniform, initialize_model
 from numpyro.util import identity, is_prng_key
 
-__all__ = ["LangevinState", "ULA", "MALA"]
+__all__ = ["LangevinState", "ULA", "MALA", "BlackJAXState", "BlackJAXKernel"]
 
 
 class LangevinState(NamedTuple):
@@ -180,14 +180,7 @@ class _LangevinKernel(MCMCKernel):
         step = self._make_step(potential)
 
         def init_one(z, key):
-            u, g = jax.value_and_grad(potential)(z, model_args, model_kwargs)
-            dtype = jnp.result_type(u)
-            eta = jnp.asarray(self._step_size, dtype)
-            da_init, _ = dual_averaging()
-            return LangevinState(
-                jnp.zeros((), jnp.int32), z, u, g, jnp.ones((), dtype), jnp.zeros((), dtype), eta,
-                da_init(jnp.log(10.0 * eta)), key,
-            )
+            return self._init_one(potential, z, key, model_args, model_kwargs)
 
         if vectorized:
             state = jax.vmap(init_one)(init_params, rng_key)
@@ -210,6 +203,16 @@ class _LangevinKernel(MCMCKernel):
         return self._sample_fn(state, model_args, model_kwargs)
 
     # ---------------------------------------------------------------- the step
+    def _init_one(self, potential, z, key, model_args, model_kwargs):
+        u, g = jax.value_and_grad(potential)(z, model_args, model_kwargs)
+        dtype = jnp.result_type(u)
+        eta = jnp.asarray(self._step_size, dtype)
+        da_init, _ = dual_averaging()
+        return LangevinState(
+            jnp.zeros((), jnp.int32), z, u, g, jnp.ones((), dtype), jnp.zeros((), dtype), eta,
+            da_init(jnp.log(10.0 * eta)), key,
+        )
+
     def _make_step(self, potential):
         metropolis = self._metropolis
         adapt = self._adapt_step_size
@@ -341,3 +344,96 @@ class MALA(_LangevinKernel):
         >>> bool((mcmc.get_samples()["scale"] > 0).all())
         True
     """
+
+
+class BlackJAXState(NamedTuple):
+    """The state of a [BlackJAXKernel][probdiff.infer.BlackJAXKernel] chain.
+
+    Attributes:
+        i: the iteration.
+        z: the position (the unconstrained values of the model's latent sites).
+        potential_energy: U(z) = -log p(z).
+        accept_prob: the blackjax info's ``acceptance_rate`` when it has one, else 1.
+        inner: blackjax's own state.
+        rng_key: the chain's key.
+    """
+
+    i: jax.Array
+    z: object
+    potential_energy: jax.Array
+    accept_prob: jax.Array
+    inner: object
+    rng_key: jax.Array
+
+
+class BlackJAXKernel(_LangevinKernel):
+    r"""Any blackjax sampling algorithm as a NumPyro MCMC kernel.
+
+    blackjax writes a sampler as ``algorithm = make(logdensity_fn, ...)`` with
+    ``algorithm.init(position)`` and ``algorithm.step(key, state) -> (state, info)``; this kernel
+    gives it a NumPyro model's log density log p(z) = -U(z) in the unconstrained space (or your
+    ``potential_fn``), so that ``numpyro.infer.MCMC`` (vectorised chains, progress bar,
+    ``arviz.from_numpyro``) runs it. Step sizes are fixed: blackjax's adaptation routines run
+    outside a kernel.
+
+    Args:
+        make_algorithm: ``make_algorithm(logdensity_fn) -> blackjax.SamplingAlgorithm``, e.g.
+            ``lambda logdensity: blackjax.mala(logdensity, step_size=0.05)`` (blackjax's MALA step
+            size is eta/2 in this package's notation:
+            x' = x + s grad log p + sqrt(2 s) eps).
+        model: a NumPyro model with continuous latent sites, or None.
+        potential_fn: U(z) = -log p(z) on a pytree z (``MCMC.run`` then needs ``init_params``).
+        init_strategy: NumPyro's init strategy for a model's sites.
+
+    Examples:
+        >>> import blackjax, jax, jax.numpy as jnp
+        >>> from numpyro.infer import MCMC
+        >>> from probdiff.infer import BlackJAXKernel
+        >>> kernel = BlackJAXKernel(lambda lp: blackjax.mala(lp, 0.1), potential_fn=lambda z: 0.5 * jnp.sum(z**2))
+        >>> mcmc = MCMC(kernel, num_warmup=10, num_samples=50, progress_bar=False)
+        >>> mcmc.run(jax.random.key(0), init_params=jnp.zeros(3))
+        >>> mcmc.get_samples().shape
+        (50, 3)
+    """
+
+    def __init__(
+        self,
+        make_algorithm: Callable,
+        model: Callable | None = None,
+        potential_fn: Callable | None = None,
+        *,
+        init_strategy: Callable = init_to_uniform,
+    ):
+        if not callable(make_algorithm):
+            raise TypeError(f"make_algorithm must be callable make_algorithm(logdensity_fn); got {type(make_algorithm).__name__}")
+        super().__init__(model, potential_fn, step_size=1.0, adapt_step_size=False, init_strategy=init_strategy)
+        self._make_algorithm = make_algorithm
+
+    def get_diagnostics_str(self, state):
+        return f"acc. prob={float(jnp.mean(state.accept_prob)):.2f}"
+
+    def _algorithm(self, potential, model_args, model_kwargs):
+        algorithm = self._make_algorithm(lambda z: -potential(z, model_args, model_kwargs))
+        if not (hasattr(algorithm, "init") and hasattr(algorithm, "step")):
+            raise TypeError(
+                "make_algorithm must return a blackjax SamplingAlgorithm (with init and step); "
+                f"got {type(algorithm).__name__}"
+            )
+        return algorithm
+
+    def _init_one(self, potential, z, key, model_args, model_kwargs):
+        inner = self._algorithm(potential, model_args, model_kwargs).init(z)
+        u = potential(z, model_args, model_kwargs)
+        return BlackJAXState(jnp.zeros((), jnp.int32), z, u, jnp.ones((), jnp.result_type(u)), inner, key)
+
+    def _make_step(self, potential):
+        def step(state, model_args, model_kwargs):
+            key, key_step = jax.random.split(state.rng_key)
+            inner, info = self._algorithm(potential, model_args, model_kwargs).step(key_step, state.inner)
+            z = inner.position
+            u = -inner.logdensity if hasattr(inner, "logdensity") else potential(z, model_args, model_kwargs)
+            acc = getattr(info, "acceptance_rate", jnp.ones_like(state.accept_prob))
+            acc = jnp.asarray(acc, state.accept_prob.dtype)
+            return BlackJAXState(state.i + 1, z, u.astype(state.potential_energy.dtype), acc, inner, key)
+
+        return step
