@@ -5,7 +5,18 @@ generative model, and [GaussianDiffusion][probdiff.GaussianDiffusion] a distribu
 that composes with any other sample site.
 """
 
-from probdiff import analytic, checkpoint, data, distributions, infer, nets, samplers, schedules, training
+from probdiff import (
+    analytic,
+    checkpoint,
+    data,
+    distributions,
+    infer,
+    nets,
+    samplers,
+    schedules,
+    score,
+    training,
+)
 from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms
 
 __version__ = "0.1.0"
@@ -24,6 +35,7 @@ __all__ = [
     "nets",
     "samplers",
     "schedules",
+    "score",
     "training",
     "__version__",
 ]

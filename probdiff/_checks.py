@@ -8,6 +8,8 @@ instead of silently clamping the index, see :func:`take_t`).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,50 @@ def float_dtype(dtype=None):
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype must be a floating-point dtype; got {dtype}")
     return dtype
+
+
+def check_ladder(sigmas, name: str = "sigmas"):
+    """Check a noise ladder sigma_1 < ... < sigma_L: 1-D, positive, finite, strictly increasing.
+
+    Returns it as a float array. Values are checked only when concrete.
+    """
+    sigmas = jnp.asarray(sigmas)
+    if sigmas.ndim != 1 or sigmas.shape[0] < 1:
+        raise ValueError(
+            f"{name} must be a 1-D array of noise levels sigma_1 < ... < sigma_L; got shape {sigmas.shape}"
+        )
+    if not jnp.issubdtype(sigmas.dtype, jnp.floating):
+        sigmas = sigmas.astype(jnp.result_type(float))
+    if is_concrete(sigmas):
+        s = np.asarray(sigmas)
+        if not np.all(np.isfinite(s)) or np.any(s <= 0):
+            raise ValueError(f"{name} must be positive and finite; got {s}")
+        if np.any(np.diff(s) <= 0):
+            i = int(np.argmax(np.diff(s) <= 0))
+            raise ValueError(
+                f"{name} must increase strictly, sigma_1 < sigma_2 < ... < sigma_L (samplers run them "
+                f"from the largest down); got sigma_{i + 1} = {s[i]:.4g} >= sigma_{i + 2} = {s[i + 1]:.4g}"
+            )
+    return sigmas
+
+
+def check_positive(value, name: str) -> float:
+    """Check that ``value`` is a positive finite number; return it as a Python float."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a positive float; got {value!r}") from None
+    if not (v > 0.0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be a positive finite float; got {value!r}")
+    return v
+
+
+def check_event_shape(event_shape) -> tuple[int, ...]:
+    """Check that ``event_shape`` is a non-empty tuple of positive ints; return it as a tuple."""
+    try:
+        event_shape = tuple(int(n) for n in event_shape)
+    except TypeError:
+        raise TypeError(f"event_shape must be a tuple of ints; got {event_shape!r}") from None
+    if len(event_shape) == 0 or any(n < 1 for n in event_shape):
+        raise ValueError(f"event_shape must be a non-empty tuple of positive ints; got {event_shape}")
+    return event_shape

@@ -24,7 +24,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 from numpyro.distributions.kl import kl_divergence
 
-from probdiff._checks import check_event, check_finite
+from probdiff._checks import check_event, check_event_shape, check_finite
 from probdiff.distributions.chains import ForwardChain, ReverseChain, map_over_t, resolve_chunk_size
 from probdiff.distributions.kernels import (
     PARAMETERIZATIONS,
@@ -228,12 +228,7 @@ class GaussianDiffusion(dist.Distribution):
             raise ValueError(f"variance must be one of {VARIANCES}; got {variance!r}")
         if parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}; got {parameterization!r}")
-        try:
-            event_shape = tuple(int(n) for n in event_shape)
-        except TypeError:
-            raise TypeError(f"event_shape must be a tuple of ints; got {event_shape!r}") from None
-        if len(event_shape) == 0 or any(n < 1 for n in event_shape):
-            raise ValueError(f"event_shape must be a non-empty tuple of positive ints; got {event_shape}")
+        event_shape = check_event_shape(event_shape)
         resolve_chunk_size(chunk_size, schedule.num_steps, 1)  # validates
         if rng_key is None and numpyro.primitives._PYRO_STACK:
             # Built inside a seeded model (SVI, Predictive, seed(...)): take this run's key now,

@@ -14,7 +14,7 @@ $$ \nabla_{x_t}\log q(x_t\mid x_0) = -\frac{x_t-\sqrt{\bar\alpha_t}\,x_0}{1-\bar
    = -\frac{\epsilon}{\sqrt{1-\bar\alpha_t}},\qquad
    s_\theta(x_t, t) = -\frac{\epsilon_\theta(x_t,t)}{\sqrt{1-\bar\alpha_t}} $$
 
-([score_from_eps][probdiff.samplers.score_from_eps], [eps_from_score][probdiff.samplers.eps_from_score]).
+([score_from_eps][probdiff.score.score_from_eps], [eps_from_score][probdiff.score.eps_from_score]).
 
 * [annealed_langevin][probdiff.samplers.annealed_langevin]: NCSN's annealed Langevin dynamics
   over a noise ladder sigma_1 < ... < sigma_L (MATH.md D4).
@@ -27,7 +27,6 @@ $$ \nabla_{x_t}\log q(x_t\mid x_0) = -\frac{x_t-\sqrt{\bar\alpha_t}\,x_0}{1-\bar
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -35,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from probdiff._checks import is_concrete
+from probdiff._checks import check_ladder, check_positive
 from probdiff.distributions.kernels import (
     VARIANCES,
     call_eps,
@@ -44,14 +43,13 @@ from probdiff.distributions.kernels import (
     reverse_moments,
 )
 from probdiff.schedules import Schedule
+from probdiff.score import _coef_t, check_score_output, eps_from_score
 
 __all__ = [
     "Sampler",
     "SamplerState",
     "SampleTrajectory",
     "run",
-    "score_from_eps",
-    "eps_from_score",
     "annealed_langevin",
     "ancestral",
     "predictor_corrector",
@@ -134,47 +132,8 @@ def run(sampler: Sampler, rng_key, shape, *, x_init=None, return_trajectory: boo
     return state.x
 
 
-# ----------------------------------------------------------------------------- eps <-> score
-def _coef_t(array, t, x):
-    """array[t] for integer t broadcasting over x's leading (batch) axes, shaped to broadcast with x."""
-    t = jnp.asarray(t)
-    c = array[jnp.clip(t, 0, array.shape[0] - 1)].astype(x.dtype)
-    return jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim))
-
-
-def score_from_eps(eps_fn: Callable, schedule: Schedule) -> Callable:
-    r"""The score of an eps-network (MATH.md D3).
-
-    $$ s_\theta(x_t, t) = -\frac{\epsilon_\theta(x_t, t)}{\sqrt{1-\bar\alpha_t}}. $$
-
-    ``t`` is an integer in 1..T that broadcasts over the batch axes of ``x_t``.
-    """
-    check_schedule(schedule)
-
-    def score_fn(x_t, t):
-        eps = call_eps(eps_fn, x_t, t)
-        return -eps / jnp.sqrt(_coef_t(schedule.one_minus_alpha_bar, t, x_t))
-
-    return score_fn
-
-
-def eps_from_score(score_fn: Callable, schedule: Schedule) -> Callable:
-    r"""The eps-network of a score function (MATH.md D3): eps = -sqrt(1 - alpha_bar_t) s(x_t, t)."""
-    check_schedule(schedule)
-
-    def eps_fn(x_t, t):
-        s = _check_score(score_fn(x_t, t), x_t)
-        return -jnp.sqrt(_coef_t(schedule.one_minus_alpha_bar, t, x_t)) * s
-
-    return eps_fn
-
-
 def _check_score(s, x):
-    shape = getattr(s, "shape", None)
-    if shape is None or tuple(shape) != tuple(x.shape):
-        got = f"an object of type {type(s).__name__}" if shape is None else f"shape {tuple(shape)}"
-        raise ValueError(f"score_fn must return an array with the shape of x, {tuple(x.shape)}; got {got}")
-    return s
+    return check_score_output(s, x)
 
 
 def _model_fns(source, eps_fn, score_fn, who):
@@ -216,35 +175,6 @@ def _normal_prior(scale=1.0):
 
 
 # ----------------------------------------------------------------------------- annealed Langevin
-def _check_ladder(sigmas):
-    sigmas = jnp.asarray(sigmas)
-    if sigmas.ndim != 1 or sigmas.shape[0] < 1:
-        raise ValueError(f"sigmas must be a 1-D array of noise levels sigma_1 < ... < sigma_L; got shape {sigmas.shape}")
-    if not jnp.issubdtype(sigmas.dtype, jnp.floating):
-        sigmas = sigmas.astype(jnp.result_type(float))
-    if is_concrete(sigmas):
-        s = np.asarray(sigmas)
-        if not np.all(np.isfinite(s)) or np.any(s <= 0):
-            raise ValueError(f"sigmas must be positive and finite; got {s}")
-        if np.any(np.diff(s) <= 0):
-            i = int(np.argmax(np.diff(s) <= 0))
-            raise ValueError(
-                "sigmas must increase strictly, sigma_1 < sigma_2 < ... < sigma_L (the sampler runs them "
-                f"from the largest down); got sigma_{i + 1} = {s[i]:.4g} >= sigma_{i + 2} = {s[i + 1]:.4g}"
-            )
-    return sigmas
-
-
-def _check_positive(value, name):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a positive float; got {value!r}") from None
-    if not (v > 0 and math.isfinite(v)):
-        raise ValueError(f"{name} must be a positive finite float; got {value!r}")
-    return v
-
-
 def _check_count(value, name, low=1):
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
         raise ValueError(f"{name} must be an int >= {low}; got {value!r}")
@@ -298,8 +228,8 @@ def annealed_langevin(
     """
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable score_fn(x, sigma); got {type(score_fn).__name__}")
-    sigmas = _check_ladder(sigmas)
-    eps = _check_positive(step_size, "step_size")
+    sigmas = check_ladder(sigmas)
+    eps = check_positive(step_size, "step_size")
     n = _check_count(steps_per_level, "steps_per_level")
     num_levels = sigmas.shape[0]
     num_langevin = num_levels * n
@@ -421,7 +351,7 @@ def predictor_corrector(
     if variance not in VARIANCES or variance == "learned":
         raise ValueError(f"variance must be 'beta' or 'beta_tilde'; got {variance!r}")
     n_corr = _check_count(corrector_steps, "corrector_steps", low=0)
-    r = _check_positive(snr, "snr")
+    r = check_positive(snr, "snr")
     if predictor == "none" and n_corr == 0:
         raise ValueError("predictor='none' with corrector_steps=0 would not move x; give corrector_steps >= 1")
     T = schedule.num_steps

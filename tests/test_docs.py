@@ -16,6 +16,7 @@ from probdiff import (
     recipes,
     samplers,
     schedules,
+    score,
     training,
 )
 
@@ -23,7 +24,8 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 API_TEXT = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
 LEDGER = (DOCS / "math.md").read_text()
 
-PUBLIC = [(m, name) for m in (probdiff, schedules, distributions, analytic, nets, infer, samplers, checkpoint, training, data, recipes) for name in m.__all__]
+MODULES = (probdiff, schedules, distributions, analytic, nets, infer, samplers, score, checkpoint, training, data, recipes)
+PUBLIC = [(m, name) for m in MODULES for name in m.__all__]
 
 
 @pytest.mark.parametrize("module, name", PUBLIC, ids=[f"{m.__name__}.{n}" for m, n in PUBLIC])
@@ -45,6 +47,8 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "elbo_consistency_terms", "GaussianDiffusion.sample", "optimal_eps_fn",
         "affine_reverse_marginal", "affine_elbo_terms", "schedules.linear", "schedules.cosine",
         "ULA", "MALA", "annealed_langevin", "predictor_corrector", "ddim", "score_from_eps",
+        "ImplicitScoreMatching", "SlicedScoreMatching", "DenoisingScoreMatching", "NCSNScoreMatching",
+        "TimeConditionalScoreMatching", "x0_from_score",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):

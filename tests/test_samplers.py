@@ -18,6 +18,7 @@ from jax.scipy.special import logsumexp
 from probdiff import GaussianDiffusion, analytic, schedules
 from probdiff import samplers as S
 from probdiff.data import mmd_rbf
+from probdiff.score import eps_from_score, score_from_eps
 
 # ------------------------------------------------------------------- a separated 2-D mixture
 MU = jnp.array([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]])
@@ -108,7 +109,7 @@ def _check_gaussian_moments(x, mean, cov, *, extra_rel=0.0, what=""):
 
 def test_score_from_eps_is_the_exact_score_of_q_xt():
     """D3: -eps*/sqrt(1 - alpha_bar_t) equals grad log N(x_t; sqrt(ab) mu, ab Sigma + (1 - ab) I)."""
-    score = S.score_from_eps(EPS_OPT, SCHED)
+    score = score_from_eps(EPS_OPT, SCHED)
     x = jax.random.normal(jax.random.key(0), (5, 2))
     for t in (1, 10, 500, 1000):
         ab = SCHED.alpha_bar[t]
@@ -116,7 +117,7 @@ def test_score_from_eps_is_the_exact_score_of_q_xt():
         exact = jax.vmap(jax.grad(q.log_prob))(x)
         # float32: the score reaches ~1e2 at t = 1 (1 - alpha_bar_1 = 1e-4): relative 1e-4
         np.testing.assert_allclose(score(x, t), exact, rtol=2e-4, atol=2e-4)
-        np.testing.assert_allclose(S.eps_from_score(score, SCHED)(x, t), EPS_OPT(x, t), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(eps_from_score(score, SCHED)(x, t), EPS_OPT(x, t), rtol=1e-4, atol=1e-5)
 
 
 def test_ddim_eta0_reproduces_the_data_moments():
@@ -154,7 +155,7 @@ def test_predictor_corrector_and_score_input_keep_the_data_moments():
     """Ancestral predictor + one Langevin corrector step per t, given the score instead of eps.
     The corrector is an unadjusted Langevin step, biased by O(its step): measured +3% on the
     variances at snr = 0.16, allowed 5% on top of 4.5 SE."""
-    score = S.score_from_eps(EPS_OPT, SCHED)
+    score = score_from_eps(EPS_OPT, SCHED)
     sampler = S.predictor_corrector(SCHED, score_fn=score, corrector_steps=1, snr=0.16)
     x = jax.jit(lambda k: S.run(sampler, k, (N_G, 2)))(jax.random.key(3))
     _check_gaussian_moments(x, MU_G, COV_G, extra_rel=0.05, what="PC")

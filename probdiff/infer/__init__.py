@@ -1,7 +1,15 @@
-"""Inference: ELBOs for SVI (MATH.md C3) and Langevin MCMC kernels (MATH.md D1)."""
+"""Inference: ELBOs for SVI (MATH.md C3), score-matching losses (D2-D4) and Langevin MCMC kernels (D1)."""
 
 from probdiff.infer.elbo import T_SAMPLINGS, WEIGHTINGS, DiffusionELBO, importance_probs, with_loss_history
 from probdiff.infer.langevin import MALA, ULA, BlackJAXKernel, BlackJAXState, LangevinState
+from probdiff.infer.score_matching import (
+    PROBES,
+    DenoisingScoreMatching,
+    ImplicitScoreMatching,
+    NCSNScoreMatching,
+    SlicedScoreMatching,
+    TimeConditionalScoreMatching,
+)
 
 __all__ = [
     "DiffusionELBO",
@@ -14,4 +22,10 @@ __all__ = [
     "LangevinState",
     "BlackJAXKernel",
     "BlackJAXState",
+    "ImplicitScoreMatching",
+    "SlicedScoreMatching",
+    "DenoisingScoreMatching",
+    "NCSNScoreMatching",
+    "TimeConditionalScoreMatching",
+    "PROBES",
 ]

@@ -29,7 +29,6 @@ result with ``arviz.from_numpyro``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -41,6 +40,8 @@ from numpyro.infer.hmc_util import dual_averaging
 from numpyro.infer.mcmc import MCMCKernel
 from numpyro.infer.util import init_to_uniform, initialize_model
 from numpyro.util import identity, is_prng_key
+
+from probdiff._checks import check_positive
 
 __all__ = ["LangevinState", "ULA", "MALA", "BlackJAXState", "BlackJAXKernel"]
 
@@ -72,13 +73,7 @@ class LangevinState(NamedTuple):
 
 
 def _check_step_size(step_size):
-    try:
-        value = float(step_size)
-    except (TypeError, ValueError):
-        raise TypeError(f"step_size must be a positive float; got {step_size!r}") from None
-    if not (value > 0.0 and math.isfinite(value)):
-        raise ValueError(f"step_size must be a positive finite float (eta > 0); got {step_size!r}")
-    return value
+    return check_positive(step_size, "step_size (eta > 0)")
 
 
 def _check_continuous(model, rng_key, model_args, model_kwargs):

@@ -1,0 +1,307 @@
+r"""Score-matching losses for ``SVI`` (MATH.md D2-D4).
+
+Each loss is a ``numpyro.infer.ELBO``: pass it to ``SVI(model, guide, optimizer, loss)``. Every
+observed [ScoreModel][probdiff.score.ScoreModel] site of the model gets minus a per-example
+score-matching objective J(x) as its log-density, so the loss is sum_i J(x_i) (scaled by the
+plate's subsampling, as NumPyro scales any site); every other site gets the usual Trace_ELBO
+terms, so a score model composes with the rest of a model.
+
+| loss | J(x) per example | network |
+|---|---|---|
+| [ImplicitScoreMatching][probdiff.infer.ImplicitScoreMatching] | 1/2 \|\|s(x)\|\|^2 + tr grad s(x) (exact trace) | s(x) |
+| [SlicedScoreMatching][probdiff.infer.SlicedScoreMatching] | 1/2 \|\|s(x)\|\|^2 + 1/M sum_m v_m^T grad s(x) v_m | s(x) |
+| [DenoisingScoreMatching][probdiff.infer.DenoisingScoreMatching] | 1/2 \|\|s(x + sigma eps) + eps / sigma\|\|^2 | s(x) |
+| [NCSNScoreMatching][probdiff.infer.NCSNScoreMatching] | sigma^2/2 \|\|s(x + sigma eps, sigma) + eps / sigma\|\|^2, sigma ~ U(ladder) | s(x, sigma) |
+| [TimeConditionalScoreMatching][probdiff.infer.TimeConditionalScoreMatching] | (1 - ab_t)/2 \|\|s(x_t, t) + eps / sqrt(1 - ab_t)\|\|^2, t ~ U{1..T} | s(x_t, t) |
+
+The implicit objective equals the Fisher divergence 1/2 E||s - grad log p||^2 up to a constant
+that does not depend on s (integration by parts, MATH.md D2); denoising score matching equals
+the Fisher divergence to the *noised* data p_sigma, again up to a constant (Vincent 2011, D3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from numpyro.distributions import Distribution, constraints
+from numpyro.distributions.distribution import ExpandedDistribution, MaskedDistribution
+from numpyro.infer import ELBO, Trace_ELBO
+from numpyro.primitives import Messenger
+
+from probdiff._checks import check_ladder, check_positive
+from probdiff.schedules import Schedule
+from probdiff.score import ScoreModel, check_score_output
+
+__all__ = [
+    "ImplicitScoreMatching",
+    "SlicedScoreMatching",
+    "DenoisingScoreMatching",
+    "NCSNScoreMatching",
+    "TimeConditionalScoreMatching",
+    "PROBES",
+]
+
+#: The probe distributions of [SlicedScoreMatching][probdiff.infer.SlicedScoreMatching].
+PROBES = ("rademacher", "gaussian")
+
+
+def _sum_event(a, event_ndim):
+    return jnp.sum(a, axis=tuple(range(a.ndim - event_ndim, a.ndim)))
+
+
+class _Objective(Distribution):
+    """A ScoreModel whose log_prob is minus the loss's per-example objective."""
+
+    arg_constraints = {}
+    pytree_data_fields = ("base", "rng_key")
+    pytree_aux_fields = ("loss",)
+
+    def __init__(self, base: ScoreModel, loss, rng_key):
+        self.base = base
+        self.loss = loss
+        self.rng_key = rng_key
+        super().__init__(base.batch_shape, base.event_shape)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=None)
+    def support(self):
+        return self.base.support
+
+    def log_prob(self, value):
+        return -self.loss.objective(self.rng_key, self.base.score_fn, value, len(self.base.event_shape))
+
+
+class _SwapScoreSites(Messenger):
+    def __init__(self, fn, loss, rng_key):
+        self.loss = loss
+        self.rng_key = rng_key
+        self.count = 0
+        super().__init__(fn)
+
+    def _swap(self, fn):
+        if isinstance(fn, ScoreModel):
+            key = jax.random.fold_in(self.rng_key, self.count)
+            self.count += 1
+            return _Objective(fn, self.loss, key)
+        if isinstance(fn, ExpandedDistribution):
+            base = self._swap(fn.base_dist)
+            return fn if base is fn.base_dist else ExpandedDistribution(base, fn.batch_shape)
+        if isinstance(fn, MaskedDistribution):
+            base = self._swap(fn.base_dist)
+            return fn if base is fn.base_dist else MaskedDistribution(base, fn._mask)
+        return fn
+
+    def process_message(self, msg):
+        if msg["type"] == "sample" and msg["is_observed"]:
+            msg["fn"] = self._swap(msg["fn"])
+
+
+class _ScoreMatchingLoss(ELBO):
+    """The SVI plumbing shared by the score-matching losses."""
+
+    can_infer_discrete = False
+
+    def __init__(self, num_particles: int = 1):
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be an int >= 1; got {num_particles!r}")
+        super().__init__(num_particles=num_particles)
+        self._trace_elbo = Trace_ELBO()
+
+    def objective(self, rng_key, score_fn, x, event_ndim: int = 1) -> jax.Array:
+        """J(x) for each example of the batch ``x`` (shape ``batch + event``): shape ``batch``."""
+        raise NotImplementedError
+
+    def _single(self, rng_key, param_map, model, guide, *args, **kwargs):
+        key_elbo, key_obj = jax.random.split(rng_key)
+        swapped = _SwapScoreSites(model, self, key_obj)
+        return self._trace_elbo.loss_with_mutable_state(key_elbo, param_map, swapped, guide, *args, **kwargs)
+
+    def loss_with_mutable_state(self, rng_key, param_map, model, guide, *args, **kwargs):
+        """sum_i J(x_i) plus the Trace_ELBO terms of the other sites, as ``{"loss", "mutable_state"}``."""
+        if self.num_particles == 1:
+            return self._single(rng_key, param_map, model, guide, *args, **kwargs)
+
+        def one(key):
+            return self._single(key, param_map, model, guide, *args, **kwargs)["loss"]
+
+        losses = jax.vmap(one)(jax.random.split(rng_key, self.num_particles))
+        return {"loss": jnp.mean(losses), "mutable_state": None}
+
+
+def _score(score_fn, x, *args):
+    return check_score_output(score_fn(x, *args), x)
+
+
+def _trace_by_basis(score_fn, x, event_ndim):
+    """s(x) and tr grad_x s(x) per example, by one jvp per coordinate (cost D forward passes)."""
+    event_shape = x.shape[x.ndim - event_ndim :]
+    d = math.prod(event_shape)
+    basis = jnp.eye(d, dtype=x.dtype).reshape((d,) + event_shape)
+
+    def diag_term(e):
+        v = jnp.broadcast_to(e, x.shape)
+        s, jv = jax.jvp(lambda y: _score(score_fn, y), (x,), (v,))
+        return s, _sum_event(v * jv, event_ndim)
+
+    s, terms = jax.lax.map(diag_term, basis)
+    return s[0], jnp.sum(terms, axis=0)
+
+
+class ImplicitScoreMatching(_ScoreMatchingLoss):
+    r"""Implicit score matching with the exact trace (Hyvaerinen 2005; MATH.md D2).
+
+    $$ J(x) = \tfrac12\lVert s_\theta(x)\rVert^2 + \operatorname{tr}\nabla_x s_\theta(x), $$
+
+    whose expectation under the data equals the Fisher divergence
+    1/2 E||s_theta - grad log p||^2 minus the constant 1/2 E||grad log p||^2: on N(0, 1) data
+    with s(x) = -a x, J = a^2/2 - a and the Fisher divergence (a - 1)^2/2, a difference of -1/2
+    for every a (``tests/test_score_matching.py``). The trace is summed from D Jacobian-vector
+    products (one per coordinate, ``lax.map``), so the cost grows with the dimension D:
+    for D beyond a few dozen use [SlicedScoreMatching][probdiff.infer.SlicedScoreMatching].
+    The network is ``s(x)``, applied to a batch, examples independent of each other.
+
+    Args:
+        num_particles: particles of the surrounding Trace_ELBO (for other latent sites).
+    """
+
+    def objective(self, rng_key, score_fn, x, event_ndim: int = 1) -> jax.Array:
+        s, tr = _trace_by_basis(score_fn, x, event_ndim)
+        return 0.5 * _sum_event(s**2, event_ndim) + tr
+
+
+class SlicedScoreMatching(_ScoreMatchingLoss):
+    r"""Sliced score matching with Hutchinson's trace estimator (Song et al. 2019; MATH.md D2).
+
+    $$ J(x) = \tfrac12\lVert s_\theta(x)\rVert^2 + \frac1M\sum_{m=1}^{M} v_m^\top\nabla_x s_\theta(x)\,v_m,
+       \qquad \mathbb{E}[v v^\top] = I, $$
+
+    an unbiased estimate of the implicit objective (E[v^T A v] = tr A), with M = ``num_probes``
+    Rademacher (+-1, the lower-variance choice) or standard Gaussian probes per example. Each
+    probe costs one Jacobian-vector product, whatever the dimension. (This is the
+    variance-reduced form, with the 1/2||s||^2 term exact rather than 1/2 (v^T s)^2.)
+
+    Args:
+        num_probes: M >= 1.
+        probe: ``"rademacher"`` or ``"gaussian"``.
+        num_particles: particles of the surrounding Trace_ELBO.
+    """
+
+    def __init__(self, num_probes: int = 1, probe: str = "rademacher", *, num_particles: int = 1):
+        if isinstance(num_probes, bool) or not isinstance(num_probes, int | np.integer) or num_probes < 1:
+            raise ValueError(f"num_probes must be an int >= 1; got {num_probes!r}")
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}; got {probe!r}")
+        super().__init__(num_particles)
+        self.num_probes = int(num_probes)
+        self.probe = probe
+
+    def objective(self, rng_key, score_fn, x, event_ndim: int = 1) -> jax.Array:
+        keys = jax.random.split(rng_key, self.num_probes)
+
+        def one_probe(key):
+            if self.probe == "rademacher":
+                v = jax.random.rademacher(key, x.shape, x.dtype)
+            else:
+                v = jax.random.normal(key, x.shape, x.dtype)
+            s, jv = jax.jvp(lambda y: _score(score_fn, y), (x,), (v,))
+            return s, _sum_event(v * jv, event_ndim)
+
+        s, quad = jax.lax.map(one_probe, keys)
+        return 0.5 * _sum_event(s[0] ** 2, event_ndim) + jnp.mean(quad, axis=0)
+
+
+class DenoisingScoreMatching(_ScoreMatchingLoss):
+    r"""Denoising score matching at one noise level (Vincent 2011; MATH.md D3).
+
+    $$ J(x) = \tfrac12\Big\lVert s_\theta(\tilde x) - \nabla_{\tilde x}\log q_\sigma(\tilde x\mid x)\Big\rVert^2
+       = \tfrac12\Big\lVert s_\theta(x+\sigma\epsilon) + \frac{\epsilon}{\sigma}\Big\rVert^2,
+       \qquad \tilde x = x + \sigma\epsilon, $$
+
+    since grad log q_sigma(x~ | x) = -(x~ - x)/sigma^2. Its minimiser is the score of the noised
+    data p_sigma = p * N(0, sigma^2 I): for N(mu, v) data, s(x) = -(x - mu)/(v + sigma^2).
+
+    Args:
+        sigma: the noise level, > 0.
+        num_particles: particles of the surrounding Trace_ELBO.
+    """
+
+    def __init__(self, sigma: float, *, num_particles: int = 1):
+        self.sigma = check_positive(sigma, "sigma")
+        super().__init__(num_particles)
+
+    def objective(self, rng_key, score_fn, x, event_ndim: int = 1) -> jax.Array:
+        eps = jax.random.normal(rng_key, x.shape, x.dtype)
+        s = _score(score_fn, x + self.sigma * eps)
+        return 0.5 * _sum_event((s + eps / self.sigma) ** 2, event_ndim)
+
+
+class NCSNScoreMatching(_ScoreMatchingLoss):
+    r"""The NCSN objective over a noise ladder (Song & Ermon 2019; MATH.md D4).
+
+    $$ \mathcal L(\theta) = \frac1L\sum_{i=1}^{L}\sigma_i^2\;
+       \mathbb{E}\,\tfrac12\Big\lVert s_\theta(x+\sigma_i\epsilon,\sigma_i) + \frac{\epsilon}{\sigma_i}\Big\rVert^2, $$
+
+    the sigma^2 weighting making every level's term of order one. Estimated without bias by
+    drawing one level i ~ U{1..L} per example (as the NCSN code does). The network is
+    ``s(x, sigma)`` with ``sigma`` of shape ``batch`` (one level per example). Sample the trained
+    model with [annealed_langevin][probdiff.samplers.annealed_langevin] on the same ladder.
+
+    Args:
+        sigmas: sigma_1 < ... < sigma_L, positive and strictly increasing.
+        num_particles: particles of the surrounding Trace_ELBO.
+    """
+
+    def __init__(self, sigmas, *, num_particles: int = 1):
+        self.sigmas = check_ladder(sigmas)
+        super().__init__(num_particles)
+
+    def objective(self, rng_key, score_fn, x, event_ndim: int = 1) -> jax.Array:
+        key_i, key_eps = jax.random.split(rng_key)
+        batch = x.shape[: x.ndim - event_ndim]
+        i = jax.random.randint(key_i, batch, 0, self.sigmas.shape[0])
+        sigma = self.sigmas[i].astype(x.dtype)
+        sig_b = jnp.reshape(sigma, batch + (1,) * event_ndim)
+        eps = jax.random.normal(key_eps, x.shape, x.dtype)
+        s = _score(score_fn, x + sig_b * eps, sigma)
+        return 0.5 * sigma**2 * _sum_event((s + eps / sig_b) ** 2, event_ndim)
+
+
+class TimeConditionalScoreMatching(_ScoreMatchingLoss):
+    r"""Denoising score matching along a diffusion (MATH.md D3, E3).
+
+    $$ \mathcal L(\theta) = \mathbb{E}_{t\sim\mathcal U\{1..T\}}\,\mathbb{E}\;\frac{1-\bar\alpha_t}{2}
+       \Big\lVert s_\theta(x_t,t) + \frac{\epsilon}{\sqrt{1-\bar\alpha_t}}\Big\rVert^2,\qquad
+       x_t = \sqrt{\bar\alpha_t}\,x_0 + \sqrt{1-\bar\alpha_t}\,\epsilon, $$
+
+    since grad log q(x_t | x_0) = -(x_t - sqrt(alpha_bar_t) x_0)/(1 - alpha_bar_t)
+    = -eps/sqrt(1 - alpha_bar_t). The weight lambda_t = 1 - alpha_bar_t makes this exactly half of
+    DDPM's L_simple for the eps-network eps = -sqrt(1 - alpha_bar_t) s: a score network trained
+    here drives [GaussianDiffusion][probdiff.GaussianDiffusion] through
+    [eps_from_score][probdiff.score.eps_from_score] and every sampler in
+    [probdiff.samplers][probdiff.samplers]. The network is ``s(x_t, t)`` with integer t of shape
+    ``batch``.
+
+    Args:
+        schedule: the diffusion's schedule.
+        num_particles: particles of the surrounding Trace_ELBO.
+    """
+
+    def __init__(self, schedule: Schedule, *, num_particles: int = 1):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a probdiff.schedules.Schedule; got {type(schedule).__name__}")
+        self.schedule = schedule
+        super().__init__(num_particles)
+
+    def objective(self, rng_key, score_fn, x, event_ndim: int = 1) -> jax.Array:
+        key_t, key_eps = jax.random.split(rng_key)
+        batch = x.shape[: x.ndim - event_ndim]
+        t = jax.random.randint(key_t, batch, 1, self.schedule.num_steps + 1)
+        shape = batch + (1,) * event_ndim
+        ab = jnp.reshape(self.schedule.alpha_bar[t].astype(x.dtype), shape)
+        omab = jnp.reshape(self.schedule.one_minus_alpha_bar[t].astype(x.dtype), shape)
+        eps = jax.random.normal(key_eps, x.shape, x.dtype)
+        x_t = jnp.sqrt(ab) * x + jnp.sqrt(omab) * eps
+        s = _score(score_fn, x_t, t)
+        return 0.5 * _sum_event((jnp.sqrt(omab) * s + eps) ** 2, event_ndim)
