@@ -34,6 +34,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 from numpyro.handlers import seed, trace
 from numpyro.infer.hmc_util import dual_averaging
@@ -173,16 +174,33 @@ class _LangevinKernel(MCMCKernel):
                 return pf(z)
 
         step = self._make_step(potential)
+        warm = self._make_warmup_step(potential)
 
         def init_one(z, key):
             return self._init_one(potential, z, key, model_args, model_kwargs)
 
         if vectorized:
             state = jax.vmap(init_one)(init_params, rng_key)
-            self._sample_fn = jax.vmap(step, in_axes=(0, None, None))
+            step = jax.vmap(step, in_axes=(0, None, None))
+            warm = None if warm is None else jax.vmap(warm, in_axes=(0, None, None))
         else:
             state = init_one(init_params, rng_key)
+        if warm is None:
             self._sample_fn = step
+        else:
+            # one branch per step, outside the vmap: all chains are at the same iteration
+            num_warmup = self._num_warmup
+
+            def sample_fn(state, model_args, model_kwargs):
+                i = state.i[0] if vectorized else state.i
+                return jax.lax.cond(
+                    i < num_warmup,
+                    lambda st: warm(st, model_args, model_kwargs),
+                    lambda st: step(st, model_args, model_kwargs),
+                    state,
+                )
+
+            self._sample_fn = sample_fn
         u0 = state.potential_energy
         if not bool(jnp.all(jnp.isfinite(u0))):
             raise ValueError(
@@ -208,19 +226,29 @@ class _LangevinKernel(MCMCKernel):
             da_init(jnp.log(10.0 * eta)), key,
         )
 
-    def _make_step(self, potential):
+    def _make_warmup_step(self, potential):
+        """The step used during warm-up when it differs from the sampling step (else None)."""
+        if self._adapt_step_size and self._num_warmup > 0:
+            return self._make_step(potential, adapt=True)
+        return None
+
+    def _make_step(self, potential, adapt: bool = False):
         metropolis = self._metropolis
-        adapt = self._adapt_step_size
         target = self._target_accept_prob
         num_warmup = self._num_warmup
         _, da_update = dual_averaging()
 
         def step(state, model_args, model_kwargs):
-            key, key_noise, key_accept = jax.random.split(state.rng_key, 3)
+            key, key_draw = jax.random.split(state.rng_key)
             z_flat, unravel = ravel_pytree(state.z)
             g_flat, _ = ravel_pytree(state.z_grad)
-            eta = state.step_size.astype(z_flat.dtype)
-            noise = jax.random.normal(key_noise, z_flat.shape, z_flat.dtype)
+            dtype = z_flat.dtype
+            eta = state.step_size.astype(dtype)
+            # one draw of d + 1 uniforms on (-1, 1): the noise by the inverse normal CDF (as
+            # jax.random.normal makes it) and the acceptance uniform from the last one
+            low = np.nextafter(np.asarray(-1.0, dtype), np.asarray(0.0, dtype))
+            u01 = jax.random.uniform(key_draw, (z_flat.shape[0] + 1,), dtype, minval=low, maxval=1.0)
+            noise = np.sqrt(2.0).astype(dtype) * jax.scipy.special.erfinv(u01[:-1])
             # x' = x + eta/2 grad log p(x) + sqrt(eta) eps, with grad log p = -grad U
             prop_flat = z_flat - 0.5 * eta * g_flat + jnp.sqrt(eta) * noise
             prop = unravel(prop_flat)
@@ -234,7 +262,7 @@ class _LangevinKernel(MCMCKernel):
                 log_ratio = state.potential_energy - u_new + fwd - bwd
                 log_ratio = jnp.where(jnp.isfinite(log_ratio), log_ratio, -jnp.inf)
                 accept_prob = jnp.exp(jnp.minimum(log_ratio, 0.0)).astype(state.accept_prob.dtype)
-                accept = jax.random.uniform(key_accept, (), accept_prob.dtype) < accept_prob
+                accept = 0.5 * (u01[-1] + 1.0) < accept_prob
                 z, u, g = jax.tree.map(
                     lambda new, old: jnp.where(accept, new, old),
                     (prop, u_new, g_new), (state.z, state.potential_energy, state.z_grad),
@@ -244,13 +272,11 @@ class _LangevinKernel(MCMCKernel):
                 z, u, g = prop, u_new, g_new
             i = state.i + 1
             step_size, adapt_state = state.step_size, state.adapt_state
-            if adapt and num_warmup > 0:
-                in_warmup = state.i < num_warmup
-                new_adapt = da_update(target - accept_prob, adapt_state)
-                adapt_state = jax.tree.map(lambda a, b: jnp.where(in_warmup, a, b), new_adapt, adapt_state)
+            if adapt:  # the warm-up step: dual averaging on log eta
+                adapt_state = da_update(target - accept_prob, adapt_state)
                 tuned = jnp.exp(adapt_state[0]).astype(step_size.dtype)
                 final = jnp.exp(adapt_state[1]).astype(step_size.dtype)  # the averaged log step size
-                step_size = jnp.where(i < num_warmup, tuned, jnp.where(i == num_warmup, final, step_size))
+                step_size = jnp.where(i < num_warmup, tuned, final)
             # the running mean of the acceptance probability, restarted after warm-up
             n = jnp.where(i > num_warmup, i - num_warmup, i).astype(accept_prob.dtype)
             mean_accept = state.mean_accept_prob + (accept_prob - state.mean_accept_prob) / n
