@@ -102,6 +102,14 @@ class GaussianMixture(NamedTuple):
         """Three well separated modes in 2-D with unequal weights 0.2, 0.3, 0.5 (scale 0.5)."""
         return cls(jnp.array([[-4.0, 0.0], [4.0, 0.0], [0.0, 5.0]]), jnp.array([0.2, 0.3, 0.5]), 0.5)
 
+    @classmethod
+    def ring(cls, num_modes: int = 6, radius: float = 2.5, scale: float = 0.45) -> GaussianMixture:
+        """``num_modes`` modes evenly spaced on a circle in 2-D, weights proportional to 1, 2, ..., num_modes."""
+        angle = 2 * np.pi * np.arange(num_modes) / num_modes
+        means = radius * np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        w = np.arange(1, num_modes + 1, dtype=np.float64)
+        return cls(jnp.asarray(means, jnp.float32), jnp.asarray(w / w.sum(), jnp.float32), scale)
+
     def log_prob(self, x, sigma=0.0) -> jax.Array:
         """log p_sigma(x) for x of shape ``batch + (D,)``."""
         mu = jnp.asarray(self.means)

@@ -161,3 +161,33 @@ def test_example_annealed_langevin_tiny(tmp_path):
     assert err["annealed"] < err["plain"], err
     with pytest.raises(OutputExistsError):
         mod["main"](["--tiny", "--out", str(tmp_path)])
+
+
+def test_example_ncsn_2d_tiny(tmp_path):
+    from probdiff._io import OutputExistsError
+
+    mod = runpy.run_path(str(ROOT / "examples" / "ncsn_2d.py"))
+    res = mod["main"](["--tiny", "--out", str(tmp_path)])
+    for name in ("score_field.png", "samples.png", "loss.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert saved["learned"]["mmd2"] == pytest.approx(res["learned"]["mmd2"])
+    L = len(res["sigmas"])
+    fisher, zero = np.asarray(res["fisher_error"]), np.asarray(res["fisher_error_of_zero_score"])
+    assert fisher.shape == zero.shape == (L,) and np.all(np.isfinite(fisher)) and np.all(fisher >= 0)
+    # even 150 steps beat the zero score on average over the levels, and the loss fell
+    assert fisher.mean() < 0.5 * zero.mean(), (fisher, zero)
+    assert np.isfinite(res["final_loss"]) and res["final_loss"] < res["initial_loss"]
+    # Vincent's identity: the loss exceeds its floor L(s*) by half the mean Fisher error (the
+    # same draws on both sides; only a mean-zero cross term differs)
+    gap = res["eval_loss"] - res["loss_exact_score"]
+    assert gap == pytest.approx(res["half_mean_fisher_error"], rel=0.3, abs=0.005)
+    for key in ("learned", "exact_score_sampler"):
+        w = np.asarray(res[key]["mode_weights"])
+        assert w.shape == (len(res["true_weights"]),) and w.sum() == pytest.approx(1.0)
+        assert np.isfinite(res[key]["mmd2"])
+    # the same sampler on the exact score: close to exact samples at any training length
+    assert res["exact_score_sampler"]["mmd2"] < 0.02
+    assert len(res["mmd2_null"]) == mod["TINY"]["null_pairs"]
+    with pytest.raises(OutputExistsError):
+        mod["main"](["--tiny", "--out", str(tmp_path)])
