@@ -359,20 +359,28 @@ def accept_summary(blocks):
 # --------------------------------------------------------------------------- same proposal, same acceptance
 @contextlib.contextmanager
 def fixed_normal(xi):
-    """Make jax.random.normal (probdiff's noise) and blackjax.util.normal (blackjax's) return xi."""
+    """Make probdiff's noise and blackjax's (blackjax.util.normal) equal xi.
+
+    probdiff's MALA makes its noise as sqrt(2) erfinv(u) from one uniform draw per step (as
+    jax.random.normal does internally), so jax.scipy.special.erfinv is replaced by xi / sqrt(2).
+    """
     import blackjax.util as bju
 
-    saved = jax.random.normal, bju.normal
+    saved = jax.scipy.special.erfinv, bju.normal
 
-    def fake(key, shape=(), dtype=float):
+    def fake_normal(key, shape=(), dtype=float):
         assert tuple(shape) == xi.shape, (shape, xi.shape)
         return xi.astype(dtype)
 
-    jax.random.normal = bju.normal = fake
+    def fake_erfinv(u):
+        assert tuple(u.shape) == xi.shape, (u.shape, xi.shape)
+        return (xi / np.sqrt(2.0)).astype(u.dtype)
+
+    jax.scipy.special.erfinv, bju.normal = fake_erfinv, fake_normal
     try:
         yield
     finally:
-        jax.random.normal, bju.normal = saved
+        jax.scipy.special.erfinv, bju.normal = saved
 
 
 def one_step_equivalence(target, eta, points=256, noises=4, seed=3):
