@@ -36,6 +36,7 @@ __all__ = [
     "samplers",
     "schedules",
     "score",
+    "sde",
     "training",
     "__version__",
 ]

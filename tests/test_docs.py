@@ -17,6 +17,7 @@ from probdiff import (
     samplers,
     schedules,
     score,
+    sde,
     training,
 )
 
@@ -24,7 +25,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 API_TEXT = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
 LEDGER = (DOCS / "math.md").read_text()
 
-MODULES = (probdiff, schedules, distributions, analytic, nets, infer, samplers, score, checkpoint, training, data, recipes)
+MODULES = (probdiff, schedules, distributions, analytic, nets, infer, samplers, score, sde, checkpoint, training, data, recipes)
 PUBLIC = [(m, name) for m in MODULES for name in m.__all__]
 
 
@@ -48,7 +49,7 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "affine_reverse_marginal", "affine_elbo_terms", "schedules.linear", "schedules.cosine",
         "ULA", "MALA", "annealed_langevin", "predictor_corrector", "ddim", "score_from_eps",
         "ImplicitScoreMatching", "SlicedScoreMatching", "DenoisingScoreMatching", "NCSNScoreMatching",
-        "TimeConditionalScoreMatching", "x0_from_score",
+        "TimeConditionalScoreMatching", "x0_from_score", "VPSDE", "VESDE", "SubVPSDE",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):
