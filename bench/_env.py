@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -69,3 +71,21 @@ def versions() -> dict:
     except (OSError, subprocess.CalledProcessError):
         pass
     return v
+
+
+def timestamped_log():
+    """A ``log(msg)`` that prints msg after the seconds since this call, flushed."""
+    t_start = time.perf_counter()
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    return log
+
+
+def write_result(path, result: dict) -> Path:
+    """Write a benchmark's result dict as JSON to ``path`` (parent folders created); return the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    return out

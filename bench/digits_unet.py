@@ -52,12 +52,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import statistics
 import time
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -67,7 +65,7 @@ import numpyro
 import optax
 import torch
 import torch.nn.functional as F
-from _env import machine_info, versions
+from _env import machine_info, timestamped_log, versions, write_result
 from numpyro.contrib.module import eqx_module
 from numpyro.infer import SVI
 from torch import nn
@@ -355,8 +353,7 @@ def main(argv=None):
     torch.manual_seed(0)
     t_start = time.perf_counter()
 
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+    log = timestamped_log()
 
     vers = versions()
     vers["torch"] = torch.__version__
@@ -537,10 +534,7 @@ def main(argv=None):
         print(f"{k:10s} {sps[k]:9.2f} {summary[k]['steps_per_s_min']:7.2f}-{summary[k]['steps_per_s_max']:<7.2f} "
               f"{sps[k] / sps['T']:6.2f}")
     print("ratios: " + ", ".join(f"{k} {v['ratio_of_medians']:.2f}" for k, v in ratios.items()))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    log(f"wrote {out}")
+    log(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

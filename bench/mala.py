@@ -106,7 +106,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from _env import machine_info, versions
+from _env import machine_info, timestamped_log, versions
 from numpyro.diagnostics import effective_sample_size
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import initialize_model
@@ -621,8 +621,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+    log = timestamped_log()
 
     try:
         import blackjax

@@ -64,12 +64,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import statistics
 import time
-from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -77,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import optax
-from _env import machine_info, versions
+from _env import machine_info, timestamped_log, versions, write_result
 from numpyro.contrib.module import eqx_module
 from numpyro.infer import SVI
 
@@ -343,8 +341,7 @@ def main(argv=None):
     k0 = args.k0 or (8 if args.quick else 40)
     t_start = time.perf_counter()
 
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+    log = timestamped_log()
 
     result = {"benchmark": "probdiff score-matching losses: cost per training step",
               "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -448,10 +445,7 @@ def main(argv=None):
             print(f"{name:20s} {v['steps_per_s_median']:9.2f} {v['vs_baseline']['ratio_of_medians']:8.2f} "
                   f"{v['dot_flops_vs_baseline']:7.2f} {v['speedup_over_lib']['ratio_of_medians']:8.2f} "
                   f"[{v['speedup_over_lib']['median_of_round_ratios']:5.2f}]")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    log(f"wrote {out}")
+    log(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -38,19 +38,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import re
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from _env import machine_info, versions
+from _env import machine_info, timestamped_log, versions, write_result
 from numpyro.infer import SVI
 from numpyro.infer.elbo import ELBO
 
@@ -303,8 +301,7 @@ def main(argv=None):
     rounds = args.rounds or (2 if args.quick else 7)
     t_start = time.perf_counter()
 
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+    log = timestamped_log()
 
     result = {"benchmark": "probdiff training throughput",
               "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -397,10 +394,7 @@ def main(argv=None):
         lo, hi = steps / max(raw[k]), steps / min(raw[k])
         cs = compile_s.get(k, compile_s.get("A (fit, 1st block incl. compile - steady block)"))
         print(f"{k:10s} {sps[k]:9.1f} {lo:7.1f}-{hi:<7.1f} {sps[k] / sps['C']:6.3f} {cs:10.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
-    log(f"wrote {out}")
+    log(f"wrote {write_result(args.out, result)}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _env import machine_info, versions
+from _env import machine_info, timestamped_log, versions
 
 from probdiff.data import eight_gaussians, energy_distance, mmd_rbf
 from probdiff.distributions import mu_from_eps
@@ -225,8 +225,7 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    def log(msg):
-        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+    log = timestamped_log()
 
     result = {"benchmark": "probdiff vs PyTorch + diffusers, eight Gaussians 2-D", "mode": mode,
               "started_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}

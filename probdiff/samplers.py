@@ -132,10 +132,6 @@ def run(sampler: Sampler, rng_key, shape, *, x_init=None, return_trajectory: boo
     return state.x
 
 
-def _check_score(s, x):
-    return check_score_output(s, x)
-
-
 def _model_fns(source, eps_fn, score_fn, who):
     """(schedule, eps_fn, diffusion or None) from a Schedule + a function, or a GaussianDiffusion."""
     from probdiff.diffusion import GaussianDiffusion
@@ -244,7 +240,7 @@ def annealed_langevin(
         x = state.x
         level = jnp.clip(num_levels - 1 - i // n, 0, num_levels - 1)  # from sigma_L down to sigma_1
         sigma = sigmas[level].astype(x.dtype)
-        s = _check_score(score_fn(x, sigma), x)
+        s = check_score_output(score_fn(x, sigma), x)
         if denoise:
             is_final = i >= num_langevin
             alpha = jnp.where(is_final, 0.0, eps * (sigma / sigmas[0]) ** 2).astype(x.dtype)
