@@ -12,9 +12,11 @@ from probdiff import (
     distributions,
     infer,
     nets,
+    ode,
     samplers,
     schedules,
     score,
+    sde,
     training,
 )
 from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms
@@ -33,6 +35,7 @@ __all__ = [
     "distributions",
     "infer",
     "nets",
+    "ode",
     "samplers",
     "schedules",
     "score",

@@ -19,6 +19,10 @@ with beta(t) = beta_min + t (beta_max - beta_min), B(t) = int_0^t beta, and
 sigma(t) = sigma_min (sigma_max / sigma_min)^t. ``tests/test_sde.py`` checks each closed form
 against the moment equations integrated numerically by scipy.
 
+A discrete schedule becomes a VP SDE through [ScheduleSDE][probdiff.sde.ScheduleSDE], which
+passes through alpha_bar_i at t = i / T: the bridge from a trained
+[GaussianDiffusion][probdiff.GaussianDiffusion] to the probability-flow ODE.
+
 DDPM is the VP SDE discretised (E2): with beta_i = beta((i - 1)/(T - 1)) / T (DDPM's linear
 schedule for T = 1000), the discrete alpha_bar_i = prod_{j <= i} (1 - beta_j) converges to
 m(i / T)^2 = exp(-B(i / T)) as T grows, the error in log alpha_bar falling as 1/T (see [VPSDE.discretize][probdiff.sde.VPSDE.discretize]).
@@ -35,7 +39,7 @@ import numpy as np
 from probdiff._checks import check_positive, is_concrete
 from probdiff.schedules import Schedule, from_betas
 
-__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE"]
+__all__ = ["SDE", "VPSDE", "SubVPSDE", "VESDE", "ScheduleSDE"]
 
 
 def _check_time(t, name="t"):
@@ -244,3 +248,91 @@ class VESDE(SDE):
 
     def prior_std(self) -> float:
         return self.sigma_max
+
+
+def _pchip_slopes(h: float, y: np.ndarray) -> np.ndarray:
+    """Fritsch-Carlson slopes of the monotone cubic Hermite interpolant on a uniform grid of spacing h."""
+    delta = np.diff(y) / h
+    d = np.zeros_like(y)
+    both = (delta[:-1] > 0) & (delta[1:] > 0)
+    d[1:-1] = np.where(both, 2.0 / (1.0 / np.where(both, delta[:-1], 1.0) + 1.0 / np.where(both, delta[1:], 1.0)), 0.0)
+
+    def end(d0, d1):  # the three-point end slope, kept shape-preserving
+        s = (3.0 * d0 - d1) / 2.0
+        if np.sign(s) != np.sign(d0):
+            return 0.0
+        if np.sign(d0) != np.sign(d1) and abs(s) > abs(3.0 * d0):
+            return 3.0 * d0
+        return s
+
+    if y.size == 2:
+        d[:] = delta[0]
+    else:
+        d[0] = end(delta[0], delta[1])
+        d[-1] = end(delta[-1], delta[-2])
+    return d
+
+
+class ScheduleSDE(VPSDE):
+    r"""The VP SDE through a discrete schedule: alpha_bar(i / T) = alpha_bar_i at every step i.
+
+    $$ dx = -\tfrac12\beta(t)\,x\,dt + \sqrt{\beta(t)}\,dw,\qquad
+       B(t) = \int_0^t\beta,\quad B(i/T) = -\log\bar\alpha_i,\ i = 0..T, $$
+
+    with B the monotone cubic Hermite (PCHIP, Fritsch-Carlson) interpolant of the points
+    (i / T, -log alpha_bar_i), alpha_bar_0 = 1. B is increasing and continuously differentiable,
+    so beta(t) = B'(t) >= 0 is continuous and the probability-flow ODE has a continuous vector
+    field that an adaptive solver can follow (a piecewise-constant beta would put a jump at each
+    of the T knots). This is how a discrete-time model trained at integer t becomes a
+    continuous-time one ([score_from_diffusion][probdiff.ode.score_from_diffusion]): the marginal
+    x(i / T) | x_0 is exactly the discrete q(x_i | x_0).
+
+    Args:
+        schedule: a [Schedule][probdiff.schedules.Schedule] with T >= 1 steps.
+    """
+
+    def __init__(self, schedule: Schedule):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a probdiff.schedules.Schedule; got {type(schedule).__name__}")
+        T = schedule.num_steps
+        neg_log_ab = -np.log(np.asarray(schedule.alpha_bar, np.float64))
+        neg_log_ab[0] = 0.0
+        self.schedule = schedule
+        self.num_steps = T
+        self._knots = neg_log_ab
+        self._slopes = _pchip_slopes(1.0 / T, neg_log_ab)
+        self.beta_min = float(self._slopes[0])
+        self.beta_max = float(self._slopes[-1])
+
+    def __repr__(self) -> str:
+        return f"ScheduleSDE(T={self.num_steps})"
+
+    def _hermite(self, t):
+        T = self.num_steps
+        dtype = jnp.result_type(t, float)
+        knots = jnp.asarray(self._knots, dtype)
+        slopes = jnp.asarray(self._slopes, dtype)
+        tau = jnp.asarray(t, dtype) * T
+        i = jnp.clip(jnp.floor(tau).astype(jnp.int32), 0, T - 1)
+        u = tau - i
+        h = 1.0 / T
+        y0, y1, d0, d1 = knots[i], knots[i + 1], slopes[i] * h, slopes[i + 1] * h
+        value = (2 * u**3 - 3 * u**2 + 1) * y0 + (u**3 - 2 * u**2 + u) * d0 + (-2 * u**3 + 3 * u**2) * y1 + (u**3 - u**2) * d1
+        deriv = (6 * u**2 - 6 * u) * y0 + (3 * u**2 - 4 * u + 1) * d0 + (-6 * u**2 + 6 * u) * y1 + (3 * u**2 - 2 * u) * d1
+        return value, deriv / h
+
+    def integrated_beta(self, t) -> jax.Array:
+        """B(t), the PCHIP interpolant of -log alpha_bar_i at t = i / T."""
+        return self._hermite(t)[0]
+
+    def beta(self, t) -> jax.Array:
+        """beta(t) = B'(t) >= 0, continuous."""
+        return self._hermite(t)[1]
+
+    def alpha_bar(self, t) -> jax.Array:
+        """alpha_bar(t) = exp(-B(t)) = m(t)^2; equals the schedule's alpha_bar_i at t = i / T."""
+        return jnp.exp(-self.integrated_beta(t))
+
+    def discretize(self, num_steps: int, *, dtype=None) -> Schedule:
+        """Not defined: this SDE comes from a discrete schedule (its ``schedule`` attribute)."""
+        raise NotImplementedError("a ScheduleSDE is already the continuous form of its .schedule")

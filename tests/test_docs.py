@@ -13,6 +13,7 @@ from probdiff import (
     distributions,
     infer,
     nets,
+    ode,
     recipes,
     samplers,
     schedules,
@@ -25,7 +26,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 API_TEXT = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
 LEDGER = (DOCS / "math.md").read_text()
 
-MODULES = (probdiff, schedules, distributions, analytic, nets, infer, samplers, score, sde, checkpoint, training, data, recipes)
+MODULES = (
+    probdiff, schedules, distributions, analytic, nets, infer, samplers, score, sde, ode, checkpoint, training, data, recipes,
+)
 PUBLIC = [(m, name) for m in MODULES for name in m.__all__]
 
 
@@ -50,6 +53,8 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "ULA", "MALA", "annealed_langevin", "predictor_corrector", "ddim", "score_from_eps",
         "ImplicitScoreMatching", "SlicedScoreMatching", "DenoisingScoreMatching", "NCSNScoreMatching",
         "TimeConditionalScoreMatching", "x0_from_score", "VPSDE", "VESDE", "SubVPSDE",
+        "ScheduleSDE", "reverse_sde_sample", "ContinuousScoreMatching", "odeint", "NeuralODE", "ODEFlow", "CNF",
+        "ProbabilityFlow", "log_likelihood", "score_from_diffusion",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):

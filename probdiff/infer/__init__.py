@@ -1,9 +1,11 @@
-"""Inference: ELBOs for SVI (MATH.md C3), score-matching losses (D2-D4) and Langevin MCMC kernels (D1)."""
+"""Inference: ELBOs for SVI (MATH.md C3), score-matching losses (D2-D4, E3) and Langevin MCMC kernels (D1)."""
 
 from probdiff.infer.elbo import T_SAMPLINGS, WEIGHTINGS, DiffusionELBO, importance_probs, with_loss_history
 from probdiff.infer.langevin import MALA, ULA, BlackJAXKernel, BlackJAXState, LangevinState
 from probdiff.infer.score_matching import (
     PROBES,
+    SCORE_WEIGHTINGS,
+    ContinuousScoreMatching,
     DenoisingScoreMatching,
     ImplicitScoreMatching,
     NCSNScoreMatching,
@@ -27,5 +29,7 @@ __all__ = [
     "DenoisingScoreMatching",
     "NCSNScoreMatching",
     "TimeConditionalScoreMatching",
+    "ContinuousScoreMatching",
+    "SCORE_WEIGHTINGS",
     "PROBES",
 ]
