@@ -20,7 +20,7 @@ $$ \frac{d}{dt}\log p_t(x(t)) = -\operatorname{tr}\frac{\partial v}{\partial x}(
 gives its exact log-likelihood, in nats; bits per dimension are -log p / (D log 2). The trace is
 exact (D Jacobian-vector products, for small D) or Hutchinson's unbiased estimate
 tr A = E[eps^T A eps] with one probe eps held fixed along the path (FFJORD; one
-Jacobian-vector product). See the likelihood guide, ``docs/likelihood.md``.
+vector-Jacobian product). See the likelihood guide, ``docs/likelihood.md``.
 
 | name | what |
 |---|---|
@@ -148,7 +148,11 @@ def score_from_diffusion(diffusion) -> tuple[ScheduleSDE, Callable]:
 
     with the eps that an ``"x0"`` or ``"v"`` prediction implies through alpha_bar(t) (a learned
     variance output is ignored: the ODE needs only the mean). Between the integers the network sees
-    times it was never trained on; a sinusoidal time embedding makes it smooth there.
+    times it was never trained on. A sinusoidal embedding of tT is continuous there but oscillates
+    fast in t (its highest frequency is 1 per unit of tT), so an adaptive solver takes many steps:
+    ``bench/likelihood.py`` measured about 1000-1400 network evaluations per likelihood for
+    trained MLPs on 2-D and 64-D data at rtol = atol = 1e-5, against 90 for an exact score. A
+    model trained in continuous time on t in [0, 1] does not have this cost.
 
     Returns:
         ``(sde, score_fn)`` with ``score_fn(x, t)`` for x of shape ``batch + event_shape`` and float
@@ -216,8 +220,10 @@ class LogLikelihood(NamedTuple):
         delta_log_prob: the integral of tr dv/dx along the path.
         z: x(1), the point the data maps to.
         num_steps: steps the adaptive solver attempted (accepted plus rejected).
-        nfe: evaluations of the vector field: 6 per attempted Tsit5 step plus 1 to start. Each is
-            one network call for the exact trace's linearisation or one JVP with Hutchinson's.
+        nfe: evaluations of the vector field: 6 per attempted Tsit5 step plus 1 to start, for this
+            example. Each is one network call and its reverse pass (D vector-Jacobian products,
+            vectorised, for the exact trace; one per probe for Hutchinson's). A batch is solved
+            under ``vmap``, so it runs as many steps as its slowest example.
     """
 
     log_prob: jax.Array
@@ -244,17 +250,14 @@ def _solve_with_trace(field, x, t0, t1, probes, *, trace, rtol, atol, max_steps,
 
     def rhs(t, state, args):
         y, _ = state
+        # Vector-Jacobian products (reverse mode), not JVPs: networks whose layers define only a
+        # custom VJP (probdiff.unet's convolutions) have no forward mode.
+        v, vjp = jax.vjp(lambda z: one(z, t), y)
         if trace == "exact":
-            v, jvp = jax.linearize(lambda z: one(z, t), y)
             basis = jnp.eye(y.size, dtype=y.dtype).reshape((y.size,) + event_shape)
-            tr = jnp.sum(jax.vmap(lambda e: jnp.vdot(e, jvp(e)))(basis))
+            tr = jnp.sum(jax.vmap(lambda e: jnp.vdot(vjp(e)[0], e))(basis))
         else:
-            def probe_term(e):
-                v, jv = jax.jvp(lambda z: one(z, t), (y,), (e,))
-                return v, jnp.vdot(e, jv)
-
-            vs, trs = jax.vmap(probe_term)(args)
-            v, tr = vs[0], jnp.mean(trs)
+            tr = jnp.mean(jax.vmap(lambda e: jnp.vdot(vjp(e)[0], e))(args))
         return v, tr
 
     sol = dfx.diffeqsolve(

@@ -3,7 +3,7 @@ r"""A small DDPM-style UNet eps-network for images, channels last (MATH.md C4).
 [UNet][probdiff.unet.UNet] follows the ``eps_fn`` contract of
 [GaussianDiffusion][probdiff.GaussianDiffusion] like [MLP][probdiff.nets.MLP]: ``net(x_t, t)``
 with ``x_t`` of shape ``batch + (H, W, C)`` (any number of leading batch axes, none included)
-and an integer ``t`` that broadcasts over ``batch``; the batch is folded into the matrix
+and a time ``t`` (integer steps, or float in continuous time) that broadcasts over ``batch``; the batch is folded into the matrix
 products, so callers need no ``vmap``. Register it in a model with
 ``numpyro.contrib.module.eqx_module("eps_net", net)``.
 
@@ -547,8 +547,9 @@ class UNet(eqx.Module):
         self.learn_variance = bool(learn_variance)
 
     def __call__(self, x_t, t):
-        """eps_theta(x_t, t) for x_t of shape ``batch + (H, W, C)`` and integer t broadcasting over
-        ``batch``; ``(eps, v)`` when ``learn_variance``. Computed in x_t's floating dtype."""
+        """eps_theta(x_t, t) for x_t of shape ``batch + (H, W, C)`` and t broadcasting over ``batch``
+        (integer steps; float t for the probability-flow ODE); ``(eps, v)`` when ``learn_variance``.
+        Computed in x_t's floating dtype."""
         x_t = jnp.asarray(x_t)
         if x_t.ndim < 3 or x_t.shape[-1] != self.channels:
             raise ValueError(f"x_t must have shape batch + (H, W, C) with C = channels = {self.channels}; "
@@ -560,8 +561,8 @@ class UNet(eqx.Module):
             raise ValueError(f"x_t's height and width must be divisible by 2**(len(mults) - 1) = {f}; "
                              f"got shape {x_t.shape}")
         t = jnp.asarray(t)
-        if not jnp.issubdtype(t.dtype, jnp.integer):
-            raise ValueError(f"t must be an integer array (time steps); got dtype {t.dtype}")
+        if not (jnp.issubdtype(t.dtype, jnp.integer) or jnp.issubdtype(t.dtype, jnp.floating)):
+            raise ValueError(f"t must be an array of time steps (integers, or floats in continuous time); got dtype {t.dtype}")
         batch = x_t.shape[:-3]
         try:
             ok = jnp.broadcast_shapes(t.shape, batch) == batch

@@ -434,3 +434,35 @@ def test_bad_input_is_refused_with_a_clear_message():
         ContinuousScoreMatching(sde, weighting="fisher")
     with pytest.raises(TypeError, match="Schedule"):
         ScheduleSDE(np.linspace(1e-4, 0.02, 10))
+
+
+def test_cnf_trained_by_svi_reaches_the_maximum_likelihood_fit():
+    """A CNF with the linear field v = B x (B a numpyro.param) is the Gaussian N(0, C) with
+    C = expm(-B) expm(-B)^T, whose maximum-likelihood fit is the sample covariance. Trained by
+    SVI with Hutchinson's trace (one Rademacher probe, fresh per step) on 2000 points, C lands
+    within 0.05 of the sample covariance (the optimiser's noise from the probes and minibatches
+    is of order lr = 0.04 in B); composed in a model, the site's log-density is the flow's."""
+    import numpyro
+    import optax
+    from numpyro.infer import SVI, Trace_ELBO
+    from numpyro.infer.util import log_density
+
+    x = gaussian_data(2000, key=15)
+
+    def model(x):
+        B = numpyro.param("B", jnp.zeros((2, 2)))
+        with numpyro.plate("data", x.shape[0], subsample_size=200):
+            numpyro.sample("x", CNF(lambda y, t: y @ B.T, (2,), rtol=1e-4, atol=1e-4), obs=numpyro.subsample(x, event_dim=1))
+
+    svi = SVI(model, lambda x: None, optax.adam(0.04), Trace_ELBO())
+    result = svi.run(jax.random.key(16), 250, x, progress_bar=False)
+    E = expm(-result.params["B"])
+    np.testing.assert_allclose(np.asarray(E @ E.T), np.cov(np.asarray(x).T), atol=0.05)
+
+    def one(x):
+        B = numpyro.param("B", result.params["B"])
+        numpyro.sample("x", CNF(lambda y, t: y @ B.T, (2,), trace="exact"), obs=x)
+
+    logp, _ = log_density(one, (x[:5],), {}, {})
+    direct = CNF(lambda y, t: y @ result.params["B"].T, (2,), trace="exact").log_prob(x[:5]).sum()
+    np.testing.assert_allclose(float(logp), float(direct), rtol=1e-5)

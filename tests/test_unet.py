@@ -255,8 +255,8 @@ def test_bad_inputs_and_arguments_raise(net):
         net(jnp.ones((2, 7, 8, 1)), 1)
     with pytest.raises(ValueError, match="t"):
         net(jnp.ones((2, 8, 8, 1)), jnp.array([1, 2, 3]))
-    with pytest.raises(ValueError, match="integer"):
-        net(jnp.ones((2, 8, 8, 1)), 1.5)
+    with pytest.raises(ValueError, match="time steps"):
+        net(jnp.ones((2, 8, 8, 1)), jnp.array([True, False]))
     with pytest.raises(ValueError, match="floating"):
         net(jnp.ones((2, 8, 8, 1), jnp.int32), 1)
     key = jax.random.key(0)
