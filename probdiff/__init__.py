@@ -5,7 +5,18 @@ generative model, and [GaussianDiffusion][probdiff.GaussianDiffusion] a distribu
 that composes with any other sample site.
 """
 
-from probdiff import (
+import os as _os
+
+# jaxlib 0.10.2's CPU backend miscomputes a jitted matrix product with a closed-over constant
+# whose entries are all equal (e.g. jnp.full((2, 32), 0.1)): its experimental YNNPACK fusion
+# returns wrong, even non-finite, numbers, while the same product eager or with the matrix passed
+# as an argument is right. Closed-over networks and observation operators are everyday JAX, so
+# probdiff turns that fusion off unless the user chose a setting. This takes effect when the
+# backend starts, at the first computation; tests/test_edge_cases.py checks the product.
+if "xla_cpu_experimental_ynn_fusion_type" not in _os.environ.get("XLA_FLAGS", ""):
+    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " --xla_cpu_experimental_ynn_fusion_type=").strip()
+
+from probdiff import (  # noqa: E402
     analytic,
     checkpoint,
     data,
@@ -18,8 +29,9 @@ from probdiff import (
     score,
     sde,
     training,
+    vdm,
 )
-from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms
+from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -41,5 +53,6 @@ __all__ = [
     "score",
     "sde",
     "training",
+    "vdm",
     "__version__",
 ]

@@ -20,6 +20,7 @@ from probdiff import (
     score,
     sde,
     training,
+    vdm,
 )
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -27,7 +28,7 @@ API_TEXT = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
 LEDGER = (DOCS / "math.md").read_text()
 
 MODULES = (
-    probdiff, schedules, distributions, analytic, nets, infer, samplers, score, sde, ode, checkpoint, training, data, recipes,
+    probdiff, schedules, distributions, analytic, nets, infer, samplers, score, sde, ode, vdm, checkpoint, training, data, recipes,
 )
 PUBLIC = [(m, name) for m in MODULES for name in m.__all__]
 
@@ -54,7 +55,8 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "ImplicitScoreMatching", "SlicedScoreMatching", "DenoisingScoreMatching", "NCSNScoreMatching",
         "TimeConditionalScoreMatching", "x0_from_score", "VPSDE", "VESDE", "SubVPSDE",
         "ScheduleSDE", "reverse_sde_sample", "ContinuousScoreMatching", "odeint", "NeuralODE", "ODEFlow", "CNF",
-        "ProbabilityFlow", "log_likelihood", "score_from_diffusion",
+        "ProbabilityFlow", "log_likelihood", "score_from_diffusion", "VariationalDiffusion", "LearnedSchedule",
+        "LinearSchedule", "discrete_elbo", "GammaSchedule.discretize",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):

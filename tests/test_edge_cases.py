@@ -81,3 +81,14 @@ def test_forward_chain_log_prob_broadcasts_a_smaller_value():
     assert got.shape == (3,)
     for i in range(3):
         np.testing.assert_allclose(float(got[i]), float(ForwardChain(s, x0[i]).log_prob(value)), rtol=1e-6)
+
+
+def test_jit_with_a_closed_over_constant_matrix_is_right():
+    """jaxlib 0.10.2 on CPU got a jitted product with a closed-over all-equal matrix wrong (its
+    YNNPACK fusion); importing probdiff turns that fusion off. Eager arithmetic is the reference."""
+    import probdiff  # noqa: F401
+
+    W = jnp.full((2, 32), 0.1)
+    h = jax.random.normal(jax.random.key(0), (4096, 32))
+    jitted = jax.jit(lambda s: jnp.sum((h * s) @ W.T, -1))(0.7)
+    np.testing.assert_allclose(np.asarray(jitted), np.asarray(jnp.sum((h * 0.7) @ W.T, -1)), rtol=1e-5, atol=1e-5)
