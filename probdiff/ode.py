@@ -20,7 +20,7 @@ $$ \frac{d}{dt}\log p_t(x(t)) = -\operatorname{tr}\frac{\partial v}{\partial x}(
 gives its exact log-likelihood, in nats; bits per dimension are -log p / (D log 2). The trace is
 exact (D Jacobian-vector products, for small D) or Hutchinson's unbiased estimate
 tr A = E[eps^T A eps] with one probe eps held fixed along the path (FFJORD; one
-vector-Jacobian product). See the likelihood guide, ``docs/likelihood.md``.
+vector-Jacobian product). See the likelihood guide, ``docs/tutorials/likelihood.md``.
 
 | name | what |
 |---|---|
@@ -172,14 +172,17 @@ def score_from_diffusion(diffusion) -> tuple[ScheduleSDE, Callable]:
         t = jnp.asarray(t, x.dtype)
         out = eps_fn(x, t * T)
         pred = out[0] if isinstance(out, tuple) else out
-        ab = jnp.reshape(sde.alpha_bar(t), jnp.shape(t) + (1,) * nd)
+        # m(t) = sqrt(alpha_bar(t)) and s(t) = sqrt(1 - alpha_bar(t)) through expm1: 1 - alpha_bar
+        # computed as a difference rounds to 0 in float32 for t below ~3e-5
+        m = jnp.reshape(sde.mean_coef(t), jnp.shape(t) + (1,) * nd)
+        s = jnp.reshape(sde.marginal_std(t), jnp.shape(t) + (1,) * nd)
         if param == "x0":
-            eps = (x - jnp.sqrt(ab) * pred) / jnp.sqrt(1.0 - ab)
+            eps = (x - m * pred) / s
         elif param == "v":
-            eps = jnp.sqrt(ab) * pred + jnp.sqrt(1.0 - ab) * x
+            eps = m * pred + s * x
         else:
             eps = pred
-        return -eps / jnp.sqrt(1.0 - ab)
+        return -eps / s
 
     return sde, score_fn
 
@@ -418,9 +421,9 @@ class ODEFlow(dist.Distribution):
         return _flow_map(self, check_event(x, self.event_shape, "x"), True)
 
 
-@eqx.filter_jit
 def _flow_log_likelihood(flow: ODEFlow, x, key) -> LogLikelihood:
-    """The body of ODEFlow.log_likelihood, compiled once per flow (its field is static)."""
+    """The body of ODEFlow.log_likelihood (jit it from outside: a field that holds arrays, such as
+    an equinox module, cannot be a static argument)."""
     shape = flow.event_shape
     batch = x.shape[: x.ndim - len(shape)]
     flat = jnp.reshape(x, (-1,) + shape)
@@ -446,7 +449,6 @@ def _flow_log_likelihood(flow: ODEFlow, x, key) -> LogLikelihood:
     return LogLikelihood(r(logp), r(bpd), r(prior), r(delta), r(z), r(steps), r(nfe))
 
 
-@eqx.filter_jit
 def _flow_map(flow: ODEFlow, y, forward: bool):
     shape = flow.event_shape
     flat = jnp.reshape(y, (-1,) + shape)

@@ -191,3 +191,84 @@ def test_example_ncsn_2d_tiny(tmp_path):
     assert len(res["mmd2_null"]) == mod["TINY"]["null_pairs"]
     with pytest.raises(OutputExistsError):
         mod["main"](["--tiny", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow  # 40-80 s each on 2 cores: run with -m slow
+def test_example_likelihood_2d_tiny(tmp_path):
+    from probdiff._io import OutputExistsError
+
+    mod = runpy.run_path(str(ROOT / "examples" / "likelihood_2d.py"))
+    res = mod["main"](["--tiny", "--out", str(tmp_path)])
+    for name in ("samples.png", "density.png", "loss.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    rows = res["likelihood_rows"]
+    assert saved["likelihood_rows"]["exact score: ODE"]["mean"] == pytest.approx(rows["exact score: ODE"]["mean"])
+    for label, r in rows.items():
+        assert np.isfinite(r["mean"]) and np.isfinite(r["se"]), label
+        assert r["bits_per_dim"] == pytest.approx(r["mean"] / (2 * np.log(2.0)))
+        if "nfe" in r:
+            assert r["nfe"] >= 6, label  # at least one Tsit5 step of 6 evaluations
+    # the exact score's ODE gives the true NLL on the same points (solver at rtol 1e-3 and the
+    # prior mismatch of VP at t = 1: a few thousandths of a nat), whatever the training did
+    assert abs(rows["exact score: ODE"]["minus_true"]) < 0.02
+    # a barely trained model cannot beat the true density by more than the noise of 16 points
+    for label in ("discrete: -ELBO (B2)", "discrete: ODE (from_diffusion)", "likelihood weighting: ODE"):
+        assert rows[label]["minus_true"] > -3 * rows[label]["minus_true_se"], label
+    # the exact score's SDE bound is tight: within its Monte-Carlo noise (16 draws per point) of the truth
+    b = rows["exact score: SDE bound"]
+    assert abs(b["minus_true"]) < 4 * b["minus_true_se"] + 0.1, b
+    assert all(rows[f"{w} weighting: SDE bound"]["mc_se"] > 0 for w in ("likelihood", "variance"))
+    assert res["ode_worse_than_elbo"] == (rows["discrete: ODE (from_diffusion)"]["mean"]
+                                          > rows["discrete: -ELBO (B2)"]["mean"])
+    assert set(res["ode_worse_than_bound"]) == {"discrete", "likelihood", "variance"}
+    assert all(np.isfinite(v) for w in res["weighting"].values() for v in w.values())
+    ed = res["energy_distance"]  # --tiny samples with ShARK only, at 5 steps
+    assert set(ed) == {"discrete", "likelihood", "variance"} and all(set(ed[m]) == {"shark 5"} for m in ed)
+    assert all(np.isfinite(v) for m in ed.values() for v in m.values())
+    assert np.isfinite(res["energy_distance_noise_floor"])
+    with pytest.raises(OutputExistsError):
+        mod["main"](["--tiny", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow  # 40-80 s each on 2 cores: run with -m slow
+def test_example_likelihood_digits_tiny(tmp_path):
+    mod = runpy.run_path(str(ROOT / "examples" / "likelihood_digits.py"))
+    res = mod["main"](["--tiny", "--out", str(tmp_path)])
+    for name in ("bits_per_dim.png", "samples.png", "loss.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = res["rows"]
+    offset = np.log2(17 / 2)
+    assert res["offset_bits_per_dim"] == pytest.approx(offset)
+    # the model-free code: log2 17 bits per pixel of the image, 1 bit/dim of y in [-1, 1)
+    assert rows["uniform on [-1, 1]^D (no model)"]["discrete"] == pytest.approx(np.log2(17))
+    assert rows["uniform on [-1, 1]^D (no model)"]["continuous"] == pytest.approx(1.0)
+    for label in ("-ELBO (B2, T terms)", "ODE NLL (Hutchinson)"):
+        r = rows[label]
+        assert np.isfinite(r["discrete"]) and np.isfinite(r["se"]), label
+        assert r["discrete"] - r["continuous"] == pytest.approx(offset), label
+        # an upper bound on the bits of a discrete image is never below 0
+        assert r["discrete"] > 0, label
+    ode = rows["ODE NLL (Hutchinson)"]
+    assert ode["nfe"] >= 6 and np.isfinite(ode["probe_se"]) and ode["probe_se"] >= 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert saved["rows"]["ODE NLL (Hutchinson)"]["discrete"] == pytest.approx(ode["discrete"])
+
+
+@pytest.mark.slow  # 40-80 s each on 2 cores: run with -m slow
+def test_example_cnf_2d_tiny(tmp_path):
+    mod = runpy.run_path(str(ROOT / "examples" / "cnf_2d.py"))
+    res = mod["main"](["--tiny", "--out", str(tmp_path)])
+    for name in ("training.png", "samples.png", "density.png", "metrics.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    for key in ("true_nll", "cnf_nll", "cnf_minus_true", "cnf_minus_true_se", "nfe", "energy_distance",
+                "initial_loss", "final_loss"):
+        assert np.isfinite(res[key]), key
+    assert res["cnf_bits_per_dim"] == pytest.approx(res["cnf_nll"] / (2 * np.log(2.0)))
+    # a flow cannot beat the true density on held-out points beyond their noise
+    assert res["cnf_minus_true"] > -3 * res["cnf_minus_true_se"]
+    assert len(res["curve"]) == 2 and all(np.isfinite(c["nll"]) for c in res["curve"])
+    # the density integrates to at most 1 over the plotted box (Riemann sum on a coarse grid)
+    assert 0 < res["grid_mass"]["cnf"] < 1.3
+    saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert saved["cnf_nll"] == pytest.approx(res["cnf_nll"])

@@ -11,9 +11,19 @@ from probdiff.cli import main
 TINY = ["--steps", "60", "--T", "20", "--hidden", "16,16", "--batch-size", "32", "--checkpoint-every", "30"]
 
 
-def test_train_sample_evaluate(tmp_path, capsys):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One ``probdiff train`` run with TINY (60 steps, checkpoints at 30 and 60), shared by the
+    tests below: each train run compiles its own training block, ELBO and sampler, so a second
+    identical run would cost seconds and check nothing new (the run is deterministic). The tests
+    only read this folder."""
+    out = tmp_path_factory.mktemp("cli_train") / "run"
     assert main(["train", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_train_sample_evaluate(tiny_run, tmp_path, capsys):
+    out = tiny_run
     for name in ("checkpoint.safetensors", "loss.png", "samples.png", "metrics.json"):
         assert (out / name).stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -31,10 +41,9 @@ def test_train_sample_evaluate(tmp_path, capsys):
     assert "elbo_nats" in json.loads(capsys.readouterr().out)
 
 
-def test_resume_continues_the_same_run(tmp_path):
+def test_resume_continues_the_same_run(tiny_run, tmp_path):
     """60 steps in one go and 30 + 30 through --resume give the same loss sequence."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    assert main(["train", "--out", str(a), *TINY]) == 0
+    a, b = tiny_run, tmp_path / "b"  # a: the 60 steps in one go
     half = [*TINY]
     half[1] = "30"
     assert main(["train", "--out", str(b), *half]) == 0

@@ -188,8 +188,8 @@ def test_hybrid_trains_the_mean_by_l_simple_and_the_variance_by_the_vlb():
     state = svi_h.init(jax.random.key(2), x)
     params = svi_h.get_params(state)
 
-    def grads(svi):
-        return jax.grad(lambda p: svi.loss.loss(jax.random.key(3), p, model, lambda x: None, x))(params)
+    def grads(svi):  # jitted: one compilation each instead of op-by-op dispatch of the whole loss
+        return jax.jit(jax.grad(lambda p: svi.loss.loss(jax.random.key(3), p, model, lambda x: None, x)))(params)
 
     gh, gs = grads(svi_h)["eps_net$params"], grads(svi_s)["eps_net$params"]
     # Rows 0..1 of the last layer produce eps, rows 2..3 produce v.

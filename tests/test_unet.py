@@ -203,7 +203,10 @@ def test_zero_at_start_t_per_example_vmap_and_time_dependence(net):
     vmapped = jax.jit(jax.vmap(lambda x, t: moved(x, t)))(x, t)
     np.testing.assert_allclose(vmapped, batched, rtol=1e-5, atol=1e-5)
     # t matters: the time embedding reaches the output
-    early, late = _apply(moved, x, jnp.full((5,), 3)), _apply(moved, x, jnp.full((5,), 500))
+    # (t of dtype int32 as above: jnp.full of a Python int is weakly typed, which would compile
+    # _apply anew, seconds for nothing)
+    early = _apply(moved, x, jnp.full((5,), 3, jnp.int32))
+    late = _apply(moved, x, jnp.full((5,), 500, jnp.int32))
     assert np.max(np.abs(np.asarray(early) - np.asarray(late))) > 1e-3
 
 
