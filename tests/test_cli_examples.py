@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_writes_figures_and_metrics(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "20", "--points", "64", "--draws", "4"]) == 0
+    out.mkdir()
+    (out / "metrics.json").write_text("user data")  # replaced, as --overwrite asks
+    assert main(["demo", "--out", str(out), "--steps", "20", "--points", "64", "--draws", "4", "--overwrite"]) == 0
     for name in ("demo.png", "denoising_terms.png", "metrics.json"):
         assert (out / name).stat().st_size > 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -29,6 +31,7 @@ def test_demo_writes_figures_and_metrics(tmp_path, capsys):
 
 
 def test_demo_never_overwrites(tmp_path, capsys):
+    # (that --overwrite does replace the files is checked above, on the run that test makes anyway)
     out = tmp_path / "demo"
     out.mkdir()
     keep = out / "metrics.json"
@@ -36,8 +39,7 @@ def test_demo_never_overwrites(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--steps", "5", "--points", "8", "--draws", "2"]) == 1
     assert keep.read_text() == "user data"
     assert "--overwrite" in capsys.readouterr().err
-    assert main(["demo", "--out", str(out), "--steps", "5", "--points", "8", "--draws", "2", "--overwrite"]) == 0
-    assert keep.read_text() != "user data"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]  # nothing else written either
 
 
 @pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--points", "x"], ["demo", "--schedule", "exp"]])
@@ -76,19 +78,34 @@ def test_example_train_2d_tiny(tmp_path):
         assert (tmp_path / name).exists()
 
 
-def test_example_train_digits_tiny_and_resume(tmp_path):
+DIGITS_TINY = ["--T", "10", "--base", "8", "--test", "16", "--batch-size", "16", "--quiet", "--checkpoint-every", "4"]
+
+
+def test_example_train_digits_tiny(tmp_path):
     mod = runpy.run_path(str(ROOT / "examples" / "train_digits.py"))
-    tiny = ["--T", "10", "--base", "8", "--test", "16", "--batch-size", "16", "--quiet", "--checkpoint-every", "4"]
-    res = mod["main"](tiny + ["--steps", "4", "--out", str(tmp_path / "a")])
+    res = mod["main"](DIGITS_TINY + ["--steps", "4", "--out", str(tmp_path / "a")])
     for name in ("samples.png", "loss.png", "checkpoint.safetensors", "train_digits.json"):
         assert (tmp_path / "a" / name).stat().st_size > 0
     # bits/dim of the discrete images is an upper bound no lower than 0 and, for a barely
     # trained model, above the 4.09 bits of the model-free code.
     assert res["bits_per_dim"] > np.log2(17)
+    with pytest.raises(FileExistsError):
+        mod["main"](DIGITS_TINY + ["--steps", "4", "--out", str(tmp_path / "a")])
+
+
+# Three UNet trainings (each compiles its own training step, ELBO and sampler: about 2 CPU-minutes
+# together), so behind the slow marker. The default suite checks the same property, a resumed run
+# equal bit for bit to the uninterrupted one, through `probdiff train --resume`
+# (test_cli_train.py::test_resume_continues_the_same_run) and through fit, save_state and
+# load_state (test_training.py::test_resume_repeats_the_uninterrupted_run_exactly).
+@pytest.mark.slow
+def test_example_train_digits_resume_is_exact(tmp_path):
+    mod = runpy.run_path(str(ROOT / "examples" / "train_digits.py"))
+    mod["main"](DIGITS_TINY + ["--steps", "4", "--out", str(tmp_path / "a")])
     # Resuming 4 steps from step 4 gives the same state as 8 steps straight (same data stream).
-    mod["main"](tiny + ["--steps", "8", "--resume", str(tmp_path / "a" / "checkpoint.safetensors"),
-                        "--out", str(tmp_path / "b")])
-    mod["main"](tiny + ["--steps", "8", "--out", str(tmp_path / "c")])
+    mod["main"](DIGITS_TINY + ["--steps", "8", "--resume", str(tmp_path / "a" / "checkpoint.safetensors"),
+                               "--out", str(tmp_path / "b")])
+    mod["main"](DIGITS_TINY + ["--steps", "8", "--out", str(tmp_path / "c")])
     from probdiff.checkpoint import load_checkpoint
 
     b, meta_b = load_checkpoint(tmp_path / "b" / "checkpoint.safetensors")
@@ -101,8 +118,6 @@ def test_example_train_digits_tiny_and_resume(tmp_path):
 
     for name in c:
         np.testing.assert_array_equal(raw(b[name]), raw(c[name]), err_msg=name)
-    with pytest.raises(FileExistsError):
-        mod["main"](tiny + ["--steps", "4", "--out", str(tmp_path / "a")])
 
 
 def test_example_langevin_stationarity_tiny(tmp_path):
