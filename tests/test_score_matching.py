@@ -256,6 +256,14 @@ def test_bad_input():
 
 
 # ------------------------------------------------------------------- NCSN end to end (D4)
+# A quality run (4000 training steps on 20000 points, 2000 samples, 12 null MMD pairs: about 25
+# CPU-seconds), so behind the slow marker. The default suite keeps each part of it: the NCSN loss
+# against its closed form (test_ncsn_objective_expectation_and_sigma_weighting above), annealed
+# Langevin against exact samples of a separated mixture, by a null-calibrated MMD threshold
+# (test_samplers.py::test_annealed_langevin_reproduces_a_separated_mixture_and_plain_langevin_does_not),
+# and a tiny NCSN trained and sampled end to end, with Vincent's identity between its loss and
+# Fisher error (test_cli_examples.py::test_example_ncsn_2d_tiny).
+@pytest.mark.slow
 def test_ncsn_trained_on_a_mixture_and_sampled_by_annealed_langevin():
     """Train s(x, sigma) = MLP(x, 20 log sigma) / sigma with the NCSN loss on a 6-mode ring
     (weights 1..6 / 21) and sample it with annealed Langevin on the same ladder.
