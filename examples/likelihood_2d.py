@@ -41,8 +41,8 @@ with the likelihood-weighted model: 1284 NFE at 1000 t against 311 at 100 t, ODE
   with the exact trace (two products with the Jacobian per evaluation in 2-D) and Tsit5 at
   rtol = atol = 1e-5, and its number of function evaluations (NFE);
 * for the continuous-time models, the bound on the NLL of their *reverse SDE* (Song et al.
-  2021, Thm. 3; ``sde_bound`` below): the likelihood-weighted denoising loss J(x) of
-  ``ContinuousScoreMatching`` plus closed-form terms, estimated with 1024 (t, eps) draws per
+  2021, Thm. 3; ``ContinuousScoreMatching.likelihood_bound``): the likelihood-weighted denoising
+  loss J(x) plus closed-form terms, estimated with 1024 (t, eps) draws per
   point, and their ODE NLL; the same two for the *exact* score of the mixture, where both must
   give the true NLL (a check of the machinery); and once Hutchinson's trace (one Rademacher
   probe) next to the exact trace on the same model.
@@ -167,38 +167,6 @@ def vp_mixture_score(mixture, sde):
     return score
 
 
-def sde_bound(csm, score_fn, x, key, draws):
-    r"""An upper bound on -log p of the reverse-SDE model of ``score_fn``, per point (Song et al. 2021, Thm. 3).
-
-    $$ -\log p^{\mathrm{SDE}}_\theta(x) \le \mathbb{E}\big[-\log\pi(x(1))\big]
-       + \underbrace{\tfrac12\int_{t_{\min}}^1 g^2\,\mathbb{E}\Big\lVert s_\theta(x_t,t)+\frac{\epsilon}{s(t)}\Big\rVert^2 dt}_{J(x)}
-       - \tfrac12\int_{t_{\min}}^1\Big(\frac{g^2 D}{s(t)^2} + 2\nabla\!\cdot\! f\Big)dt , $$
-
-    J(x) is ContinuousScoreMatching's likelihood-weighted objective (estimated here with ``draws``
-    independent (t, eps) per point, t importance-sampled as in training). For the VP SDE
-    g^2 = beta, div f = -D beta / 2 and d/dt log s^2 = beta (1/s^2 - 1), so the last integral is
-    (D/2) log(s(1)^2 / s(t_min)^2), and E[-log pi(x(1))] = D/2 log 2 pi + (m(1)^2 |x|^2 + D s(1)^2)/2.
-    With the exact score the bound is tight (the model's path measure is the forward one).
-
-    Returns:
-        (bound, its Monte-Carlo standard error), each of shape ``x.shape[:-1]``.
-    """
-    sde, d = csm.sde, x.shape[-1]
-
-    def body(carry, k):
-        j = csm.objective(k, score_fn, x)
-        return (carry[0] + j, carry[1] + j**2), None
-
-    zero = jnp.zeros(x.shape[:-1], x.dtype)
-    (s1, s2), _ = jax.lax.scan(body, (zero, zero), jax.random.split(key, draws))
-    mean = s1 / draws
-    var = jnp.maximum(s2 / draws - mean**2, 0.0) * draws / max(draws - 1, 1)
-    m1, std1 = sde.mean_coef(1.0), sde.marginal_std(1.0)
-    prior = 0.5 * d * math.log(2 * math.pi) + 0.5 * (m1**2 * jnp.sum(x**2, -1) + d * std1**2)
-    log_ratio = 2 * jnp.log(std1) - 2 * jnp.log(sde.marginal_std(csm.t_min))
-    return prior + mean - 0.5 * d * log_ratio, jnp.sqrt(var / draws)
-
-
 class Models:
     """The three trained models, rebuilt from their parameters inside jitted functions."""
 
@@ -298,7 +266,7 @@ def main(argv=None):
         p.error(f"--samplers takes names from {', '.join(SAMPLERS)}; got {args.samplers!r}")
     solvers = tuple(s for s in SOLVERS if s in samplers)
     if (min(hidden) < 1 or min(sde_steps) < 1 or args.steps < 1 or args.batch_size < 1 or args.T < 2
-            or args.eval_points < 2 or args.n < 2 or args.grid < 2 or args.data_size < 1 or args.bound_draws < 1
+            or args.eval_points < 2 or args.n < 2 or args.grid < 2 or args.data_size < 1 or args.bound_draws < 2
             or args.null_pairs < 1):
         p.error("need positive sizes, --T >= 2, --eval-points >= 2, --n >= 2 and --grid >= 2")
     if not (args.rtol > 0 and args.sample_rtol > 0 and args.grid_rtol > 0 and args.time_scale > 0):
@@ -364,10 +332,10 @@ def main(argv=None):
         return compiled.setdefault((kind, trace, rtol), jax.jit(f))
 
     # The continuous models' bound: with lambda = g^2 the DSM loss J(x) of ContinuousScoreMatching
-    # plus closed-form terms bounds -log p of the model's reverse SDE (see sde_bound's docstring).
+    # plus closed-form terms bounds -log p of the model's reverse SDE (ContinuousScoreMatching.likelihood_bound).
     csm = ContinuousScoreMatching(vp, weighting="likelihood")
-    bound_fn = jax.jit(lambda prm, x, key, kind: sde_bound(
-        csm, models.sde_and_score(kind, prm, exact_score)[1], x, key, args.bound_draws), static_argnums=3)
+    bound_fn = jax.jit(lambda prm, x, key, kind: csm.likelihood_bound(
+        key, models.sde_and_score(kind, prm, exact_score)[1], x, num_draws=args.bound_draws), static_argnums=3)
 
     t0 = time.time()
     elbo = np.asarray(jax.jit(lambda prm, k, x: models.diffusion(prm).elbo(k, x))(params["discrete"], keys["elbo"], x_eval),
