@@ -90,7 +90,7 @@ from probdiff._io import prepare_out_dir, write_json  # noqa: E402
 from probdiff.infer import DiffusionELBO  # noqa: E402
 from probdiff.nets import MLP  # noqa: E402
 from probdiff.ode import ProbabilityFlow  # noqa: E402
-from probdiff.plotting import save_png  # noqa: E402
+from probdiff.plotting import save_png, tile_images  # noqa: E402
 from probdiff.training import fit  # noqa: E402
 
 FILES = ("bits_per_dim.png", "samples.png", "loss.png", "metrics.json")
@@ -102,17 +102,6 @@ FULL = {"steps": 4000, "batch_size": 128, "hidden": "512,512,512", "eval_images"
         "rtol": 1e-5, "sample_rtol": 1e-4, "n": 64}
 TINY = {"steps": 20, "batch_size": 32, "hidden": "32", "eval_images": 8, "probe_sets": 2,
         "rtol": 1e-3, "sample_rtol": 1e-3, "n": 8}
-
-
-def grid(images, rows):
-    """Tile (n, 64) grey levels into one picture with 1-pixel gaps."""
-    n = images.shape[0]
-    cols = math.ceil(n / rows)
-    out = np.full((rows * 9 - 1, cols * 9 - 1), np.nan)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        out[r * 9: r * 9 + 8, c * 9: c * 9 + 8] = images[i].reshape(8, 8)
-    return out
 
 
 def main(argv=None):
@@ -299,7 +288,7 @@ def plot_samples(path, anc, ode, held_out):
     fig, axes = plt.subplots(1, 3, figsize=(10, 3.7))
     for ax, imgs, title in ((axes[0], anc, "ancestral (T steps)"), (axes[1], ode, "probability-flow ODE"),
                             (axes[2], held_out, "held-out images")):
-        ax.imshow(grid(imgs, rows), cmap="gray_r", vmin=0, vmax=L - 1)
+        ax.imshow(tile_images(imgs, rows), cmap="gray_r", vmin=0, vmax=L - 1)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     fig.tight_layout()

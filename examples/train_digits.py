@@ -64,6 +64,7 @@ from probdiff import GaussianDiffusion, data, schedules  # noqa: E402
 from probdiff._io import prepare_out_dir, write_json  # noqa: E402
 from probdiff.checkpoint import load_checkpoint  # noqa: E402
 from probdiff.infer import DiffusionELBO  # noqa: E402
+from probdiff.plotting import tile_images  # noqa: E402
 from probdiff.training import fit, init_state, save_state  # noqa: E402
 from probdiff.unet import UNet  # noqa: E402
 
@@ -90,17 +91,6 @@ def make_model(net0, schedule):
             numpyro.sample("u", u_prior)
 
     return model, guide
-
-
-def grid(images, rows=8):
-    """Tile (n, 8, 8, 1) grey levels into one (rows*9, cols*9) picture with 1-pixel gaps."""
-    n = images.shape[0]
-    cols = math.ceil(n / rows)
-    out = np.full((rows * 9 - 1, cols * 9 - 1), np.nan)
-    for i in range(n):
-        r, c = divmod(i, cols)
-        out[r * 9 : r * 9 + 8, c * 9 : c * 9 + 8] = images[i, ..., 0]
-    return out
 
 
 def main(argv=None):
@@ -192,7 +182,7 @@ def main(argv=None):
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.3))
     for ax, imgs, title in ((axes[0], samples, "samples"), (axes[1], np.asarray(test[:64]), "held-out data")):
-        ax.imshow(grid(imgs), cmap="gray_r", vmin=0, vmax=L - 1)
+        ax.imshow(tile_images(imgs, 8), cmap="gray_r", vmin=0, vmax=L - 1)
         ax.set_title(title)
         ax.axis("off")
     fig.suptitle(f"8x8 digits, T = {args.T}: {metrics['bits_per_dim']:.2f} bits/dim", fontsize=10)

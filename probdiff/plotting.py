@@ -16,7 +16,7 @@ from pathlib import Path  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_chains", "plot_denoising_terms", "save_png"]
+__all__ = ["plot_chains", "plot_denoising_terms", "save_png", "tile_images"]
 
 
 def save_png(fig, path, *, dpi: int = 90, palette: bool = True) -> Path:
@@ -111,3 +111,27 @@ def plot_denoising_terms(terms_by_t, *, exact=None, label: str = "Monte Carlo"):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def tile_images(images, rows: int, image_shape=(8, 8)) -> np.ndarray:
+    """Tile n grey images into one (rows * (h + 1) - 1, cols * (w + 1) - 1) picture, 1-pixel NaN gaps.
+
+    Args:
+        images: n images of ``image_shape`` pixels each, in any shape that reshapes to
+            ``(n,) + image_shape`` (e.g. (n, 64) or (n, 8, 8, 1)).
+        rows: the number of rows; the columns are ceil(n / rows).
+        image_shape: (h, w).
+
+    Returns:
+        A float array for ``imshow``, NaN between the images (drawn blank).
+    """
+    h, w = image_shape
+    images = np.asarray(images, np.float64).reshape((-1, h, w))
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise ValueError(f"rows must be a positive integer; got {rows!r}")
+    cols = -(-len(images) // rows)
+    out = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        out[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = image
+    return out
