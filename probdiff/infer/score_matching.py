@@ -408,9 +408,8 @@ class ContinuousScoreMatching(_ScoreMatchingLoss):
 
         Song et al. (2021, "Maximum likelihood training of score-based diffusion models", Thm. 3):
 
-        $$ -\log p^{\mathrm{SDE}}_	heta(x) \le \mathbb{E}ig[-\log\pi(x(1))ig] + J(x)
-           - 	frac12\int_{t_{\min}}^1\Big(rac{g(t)^2 D}{s(t)^2} + 2\,
-abla\!\cdot f\Big)dt , $$
+        $$ -\log p^{\mathrm{SDE}}_\theta(x) \le \mathbb{E}\big[-\log\pi(x(1))\big] + J(x)
+           - \tfrac12\int_{t_{\min}}^1\Big(\frac{g(t)^2 D}{s(t)^2} + 2\,\nabla\!\cdot f\Big)dt , $$
 
         with J(x) the likelihood-weighted objective (lambda = g^2, whatever this loss's own
         weighting) and the other two terms in closed form. For a linear SDE the marginal variance
