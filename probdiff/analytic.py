@@ -35,6 +35,11 @@ __all__ = [
     "affine_reverse_coefficients",
     "affine_reverse_marginal",
     "affine_elbo_terms",
+    "Mixture1D",
+    "noised_mixture_1d",
+    "reverse_kernel_mixture_1d",
+    "ReverseKernelGrid",
+    "reverse_kernel_on_grid",
 ]
 
 
@@ -337,3 +342,233 @@ def affine_elbo_terms(diffusion, x_0):
     else:
         den = jnp.moveaxis(jax.vmap(kl_t)(jnp.arange(2, T + 1)), 0, -1)
     return ELBOTerms(recon, prior, den)
+
+
+# ----------------------------------------------------------------------------- A5: the true reverse kernel
+class Mixture1D(NamedTuple):
+    r"""A 1-D Gaussian mixture sum_k w_k N(m_k, s_k^2), the data of the A5 (Feller) example.
+
+    Attributes:
+        weights: w_k, shape ``batch + (K,)``, positive, summing to 1 over the last axis.
+        means: m_k, the same shape.
+        stds: s_k > 0, the same shape.
+    """
+
+    weights: jax.Array
+    means: jax.Array
+    stds: jax.Array
+
+    def log_prob(self, x) -> jax.Array:
+        """log sum_k w_k N(x; m_k, s_k^2) for x broadcasting against ``batch``."""
+        x = jnp.asarray(x)[..., None]
+        comp = -0.5 * ((x - self.means) / self.stds) ** 2 - jnp.log(self.stds) - 0.5 * jnp.log(2 * jnp.pi)
+        return logsumexp(comp + jnp.log(self.weights), -1)
+
+
+def _check_unit_interval(value, name: str, *, closed_right: bool = False, what: str = ""):
+    value = jnp.asarray(value)
+    check_finite(value, name)
+    if is_concrete(value):
+        v = np.asarray(value, np.float64)
+        bad = (v <= 0) | ((v > 1) if closed_right else (v >= 1))
+        if bad.any():
+            interval = "(0, 1]" if closed_right else "(0, 1)"
+            raise ValueError(f"{name}{what} must lie in {interval}; got {name} = {v[bad].ravel()[0]:.4g}")
+    return value
+
+
+def _check_mixture_1d(weights, means, stds) -> Mixture1D:
+    weights = jnp.asarray(weights)
+    if not jnp.issubdtype(weights.dtype, jnp.floating):
+        weights = weights.astype(jnp.result_type(float))
+    means = jnp.asarray(means, weights.dtype)
+    stds = jnp.asarray(stds, weights.dtype)
+    if weights.ndim != 1 or weights.shape[0] < 1 or means.shape != weights.shape or stds.shape != weights.shape:
+        raise ValueError(
+            "weights, means and stds must be vectors of the same length K >= 1; got shapes "
+            f"{weights.shape}, {means.shape}, {stds.shape}"
+        )
+    for arr, name in ((weights, "weights"), (means, "means"), (stds, "stds")):
+        check_finite(arr, name)
+    if is_concrete(weights, stds):
+        w, s = np.asarray(weights, np.float64), np.asarray(stds, np.float64)
+        if np.any(w <= 0):
+            raise ValueError(f"weights must be positive, each in (0, 1]; got weights = {w}")
+        tol = 1e-5 * len(w)
+        if abs(w.sum() - 1.0) > tol:
+            raise ValueError(f"weights must sum to 1 (within {tol:.0e}); got sum {w.sum():.8g}")
+        if np.any(s <= 0):
+            raise ValueError(f"stds must be positive, in (0, inf); got stds = {s}")
+    return Mixture1D(weights, means, stds)
+
+
+def noised_mixture_1d(weights, means, stds, alpha_bar) -> Mixture1D:
+    r"""The exact marginal q(x_t) of 1-D mixture data under the forward process (MATH.md A2).
+
+    $$ x_0\sim\sum_k w_k\,\mathcal N(m_k, s_k^2)\ \Rightarrow\
+       q(x_t) = \sum_k w_k\,\mathcal N\big(\sqrt{\bar\alpha_t}\,m_k,\ \bar\alpha_t s_k^2 + 1-\bar\alpha_t\big), $$
+
+    since x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps adds independent Gaussian noise
+    to each component.
+
+    Args:
+        weights: w_k, a vector of length K, positive, summing to 1.
+        means: m_k, length K.
+        stds: s_k > 0, length K.
+        alpha_bar: alpha_bar_t in (0, 1] (1 gives the data).
+    """
+    m = _check_mixture_1d(weights, means, stds)
+    ab = _check_unit_interval(alpha_bar, "alpha_bar", closed_right=True).astype(m.means.dtype)
+    return Mixture1D(m.weights, jnp.sqrt(ab) * m.means, jnp.sqrt(ab * m.stds**2 + 1 - ab))
+
+
+def reverse_kernel_mixture_1d(x_t, weights, means, stds, alpha_bar_prev, beta) -> Mixture1D:
+    r"""The true reverse kernel q(x_{t-1} | x_t) of 1-D mixture data, in closed form (MATH.md A5).
+
+    With q(x_{t-1}) = sum_k w_k N(a_k, v_k) ([noised_mixture_1d][probdiff.analytic.noised_mixture_1d]
+    at alpha_bar_{t-1}) and q(x_t | x_{t-1}) = N(sqrt(alpha_t) x_{t-1}, beta_t), Bayes' rule
+    keeps the mixture form, with each component conditioned by the Gaussian algebra of A4:
+
+    $$ q(x_{t-1}\mid x_t) = \sum_k r_k(x_t)\,\mathcal N\Big(x_{t-1};\
+       \sigma_k^2\big(\tfrac{a_k}{v_k}+\tfrac{\sqrt{\alpha_t}\,x_t}{\beta_t}\big),\ \sigma_k^2\Big),
+       \quad \frac1{\sigma_k^2} = \frac1{v_k}+\frac{\alpha_t}{\beta_t},\quad
+       r_k \propto w_k\,\mathcal N\big(x_t;\ \sqrt{\alpha_t}\,a_k,\ \alpha_t v_k+\beta_t\big). $$
+
+    A mixture, so not Gaussian in general; but as beta_t -> 0 the likelihood term alpha_t/beta_t
+    dominates every component, all sigma_k^2 -> beta_t and all means -> x_t / sqrt(alpha_t): the
+    kernel becomes one Gaussian (Feller). ``tests/test_teaching.py`` checks it against Bayes' rule
+    on a grid ([reverse_kernel_on_grid][probdiff.analytic.reverse_kernel_on_grid]).
+
+    Args:
+        x_t: the conditioning value(s), any shape ``batch``.
+        weights: w_k of the data mixture q(x_0), a vector of length K, positive, summing to 1.
+        means: m_k, length K.
+        stds: s_k > 0, length K.
+        alpha_bar_prev: alpha_bar_{t-1} in (0, 1] (1 when t = 1).
+        beta: beta_t in (0, 1).
+
+    Returns:
+        [Mixture1D][probdiff.analytic.Mixture1D] with arrays of shape ``batch + (K,)``.
+    """
+    m = _check_mixture_1d(weights, means, stds)
+    ab = _check_unit_interval(alpha_bar_prev, "alpha_bar", closed_right=True).astype(m.means.dtype)
+    beta = _check_unit_interval(beta, "beta", what=" (beta_t)").astype(m.means.dtype)
+    return _reverse_kernel_mixture_1d(jnp.asarray(x_t, m.means.dtype), m, ab, beta)
+
+
+@jax.jit
+def _noised(m, ab):
+    return Mixture1D(m.weights, jnp.sqrt(ab) * m.means, jnp.sqrt(ab * m.stds**2 + 1 - ab))
+
+
+@jax.jit
+def _reverse_kernel_mixture_1d(x_t, m, ab, beta):
+    prior = _noised(m, ab)
+    x_t = x_t[..., None]
+    alpha = 1.0 - beta
+    v = prior.stds**2
+    post_var = 1.0 / (1.0 / v + alpha / beta)
+    post_mean = post_var * (prior.means / v + jnp.sqrt(alpha) * x_t / beta)
+    ev_var = alpha * v + beta
+    log_r = jnp.log(prior.weights) - 0.5 * (x_t - jnp.sqrt(alpha) * prior.means) ** 2 / ev_var - 0.5 * jnp.log(ev_var)
+    r = jax.nn.softmax(log_r, axis=-1)
+    return Mixture1D(r, post_mean, jnp.broadcast_to(jnp.sqrt(post_var), post_mean.shape))
+
+
+class ReverseKernelGrid(NamedTuple):
+    """What [reverse_kernel_on_grid][probdiff.analytic.reverse_kernel_on_grid] returns.
+
+    Attributes:
+        log_prob: log q(x_{t-1} = grid_i | x_t), normalised on the grid; shape (n,).
+        log_evidence: log q(x_t) = log int q(x_{t-1}) q(x_t | x_{t-1}) dx_{t-1} by the trapezoidal
+            rule on the grid: Bayes' denominator (compare with the exact
+            ``noised_mixture_1d(..., alpha_bar_prev * (1 - beta)).log_prob(x_t)``).
+    """
+
+    log_prob: jax.Array
+    log_evidence: jax.Array
+
+
+def reverse_kernel_on_grid(x_t, grid, weights, means, stds, alpha_bar_prev, beta) -> ReverseKernelGrid:
+    r"""The true reverse kernel q(x_{t-1} | x_t) of 1-D mixture data by Bayes' rule on a grid (MATH.md A5).
+
+    $$ q(x_{t-1}\mid x_t) = \frac{q(x_{t-1})\,q(x_t\mid x_{t-1})}{q(x_t)},\qquad
+       q(x_t) = \int q(x_{t-1})\,q(x_t\mid x_{t-1})\,dx_{t-1}, $$
+
+    with q(x_{t-1}) the exact noised mixture at alpha_bar_{t-1}
+    ([noised_mixture_1d][probdiff.analytic.noised_mixture_1d]), q(x_t | x_{t-1}) =
+    N(sqrt(1 - beta_t) x_{t-1}, beta_t) (A1) and the integral by the trapezoidal rule. No
+    Gaussian assumption enters: the brute-force counterpart of
+    [reverse_kernel_mixture_1d][probdiff.analytic.reverse_kernel_mixture_1d], and for Gaussian
+    data (K = 1) of Gaussian conditioning. The grid is checked when its values are concrete: evenly
+    spaced, at least 16 points, a spacing at most a quarter of the narrowest component's posterior
+    standard deviation sigma_k = (1/v_k + alpha_t/beta_t)^{-1/2}, and, for a concrete x_t, wide
+    enough that every component of the kernel lies within it (6 sigma_k).
+
+    Args:
+        x_t: the conditioning value, a scalar (``vmap`` for many).
+        grid: evenly spaced values of x_{t-1}, shape (n,).
+        weights: w_k of the data mixture q(x_0), a vector of length K, positive, summing to 1.
+        means: m_k, length K.
+        stds: s_k > 0, length K.
+        alpha_bar_prev: alpha_bar_{t-1} in (0, 1] (1 when t = 1).
+        beta: beta_t in (0, 1).
+
+    Returns:
+        [ReverseKernelGrid][probdiff.analytic.ReverseKernelGrid].
+
+    Examples:
+        >>> import jax.numpy as jnp
+        >>> from probdiff.analytic import reverse_kernel_on_grid
+        >>> grid = jnp.linspace(-6.0, 6.0, 2001)
+        >>> k = reverse_kernel_on_grid(0.0, grid, [0.5, 0.5], [-2.0, 2.0], [0.5, 0.5], 1.0, 0.01)
+        >>> round(float(jnp.exp(k.log_prob).sum() * (grid[1] - grid[0])), 4)
+        1.0
+    """
+    mix = _check_mixture_1d(weights, means, stds)
+    ab = _check_unit_interval(alpha_bar_prev, "alpha_bar", closed_right=True).astype(mix.means.dtype)
+    prior = _noised(mix, ab)
+    beta = _check_unit_interval(beta, "beta", what=" (beta_t)").astype(prior.means.dtype)
+    grid = jnp.asarray(grid, prior.means.dtype)
+    x_t = jnp.asarray(x_t, prior.means.dtype)
+    if grid.ndim != 1 or grid.shape[0] < 16:
+        raise ValueError(f"grid must be a 1-D array of at least 16 points (too coarse otherwise); got shape {grid.shape}")
+    if x_t.ndim != 0:
+        raise ValueError(f"x_t must be a scalar (vmap over many); got shape {x_t.shape}")
+    check_finite(grid, "grid")
+    if is_concrete(grid, beta, prior.stds):
+        g = np.asarray(grid, np.float64)
+        h = np.diff(g)
+        if np.any(h <= 0) or np.abs(h - h.mean()).max() > 1e-3 * h.mean():
+            raise ValueError("grid must be evenly spaced and increasing (np.linspace)")
+        b = float(beta)
+        v = np.asarray(prior.stds, np.float64) ** 2
+        sig = np.sqrt(1.0 / (1.0 / v + (1.0 - b) / b))
+        if h.mean() > sig.min() / 4:
+            raise ValueError(
+                f"grid is too coarse: spacing {h.mean():.3g} must be <= {sig.min() / 4:.3g}, a quarter of the "
+                f"narrowest posterior standard deviation at beta = {b:.3g}"
+            )
+        if is_concrete(x_t, ab):
+            post = _reverse_kernel_mixture_1d(x_t, mix, ab, beta)
+            keep = np.asarray(post.weights) > 1e-12
+            lo = float(np.min(np.asarray(post.means - 6 * post.stds)[keep]))
+            hi = float(np.max(np.asarray(post.means + 6 * post.stds)[keep]))
+            if g[0] > lo or g[-1] < hi:
+                raise ValueError(
+                    f"grid [{g[0]:.3g}, {g[-1]:.3g}] does not cover the reverse kernel at x_t = {float(x_t):.3g}; "
+                    f"it needs at least [{lo:.3g}, {hi:.3g}]"
+                )
+    return _reverse_kernel_on_grid(x_t, grid, prior, beta)
+
+
+@jax.jit
+def _reverse_kernel_on_grid(x_t, grid, prior, beta):
+    alpha = 1.0 - beta
+    log_prior = prior.log_prob(grid)
+    log_lik = -0.5 * (x_t - jnp.sqrt(alpha) * grid) ** 2 / beta - 0.5 * jnp.log(2 * jnp.pi * beta)
+    log_joint = log_prior + log_lik
+    h = (grid[-1] - grid[0]) / (grid.shape[0] - 1)
+    c = jnp.ones_like(grid).at[0].set(0.5).at[-1].set(0.5)
+    log_evidence = logsumexp(log_joint + jnp.log(c)) + jnp.log(h)
+    return ReverseKernelGrid(log_joint - log_evidence, log_evidence)
