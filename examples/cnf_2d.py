@@ -73,7 +73,7 @@ from numpyro.contrib.module import eqx_module  # noqa: E402
 from numpyro.infer import SVI, Trace_ELBO  # noqa: E402
 
 from probdiff import analytic  # noqa: E402
-from probdiff._io import prepare_out_dir, write_json  # noqa: E402
+from probdiff._io import parse_example_args, parse_widths, prepare_out_dir, write_json  # noqa: E402
 from probdiff.data import energy_distance  # noqa: E402
 from probdiff.nets import MLP  # noqa: E402
 from probdiff.ode import CNF  # noqa: E402
@@ -120,14 +120,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/cnf_2d")
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    for k, v in (TINY if args.tiny else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    try:
-        hidden = tuple(int(h) for h in args.hidden.split(","))
-    except ValueError:
-        p.error(f"--hidden must be comma-separated widths, e.g. 64,64; got {args.hidden!r}")
+    args = parse_example_args(p, argv, FULL, TINY)
+    hidden = parse_widths(p, args.hidden)
     if (min(hidden) < 1 or args.steps < 1 or args.batch_size < 1 or args.eval_every < 1 or args.curve_points < 2
             or args.eval_points < 2 or args.n < 2 or args.grid < 2 or args.data_size < 1 or args.null_pairs < 1):
         p.error("need positive sizes, and at least 2 points for every evaluation and sample set")

@@ -86,7 +86,7 @@ from numpyro.contrib.module import eqx_module  # noqa: E402
 from numpyro.infer import SVI  # noqa: E402
 
 from probdiff import GaussianDiffusion, data, schedules  # noqa: E402
-from probdiff._io import prepare_out_dir, write_json  # noqa: E402
+from probdiff._io import parse_example_args, parse_widths, prepare_out_dir, write_json  # noqa: E402
 from probdiff.infer import DiffusionELBO  # noqa: E402
 from probdiff.nets import MLP  # noqa: E402
 from probdiff.ode import ProbabilityFlow  # noqa: E402
@@ -124,14 +124,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/likelihood_digits")
     p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    for k, v in (TINY if args.tiny else FULL).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    try:
-        hidden = tuple(int(h) for h in args.hidden.split(","))
-    except ValueError:
-        p.error(f"--hidden must be comma-separated widths, e.g. 512,512; got {args.hidden!r}")
+    args = parse_example_args(p, argv, FULL, TINY)
+    hidden = parse_widths(p, args.hidden)
     if min(hidden) < 1 or args.steps < 1 or args.batch_size < 1 or args.n < 1 or args.T < 2:
         p.error("need positive sizes and --T >= 2")
     if not 2 <= args.eval_images <= args.test < 1797:

@@ -21,6 +21,9 @@ from probdiff import (  # noqa: E402
     checkpoint,
     data,
     distributions,
+    divergences,
+    em,
+    flows,
     infer,
     nets,
     ode,
@@ -29,6 +32,7 @@ from probdiff import (  # noqa: E402
     score,
     sde,
     training,
+    vae,
     vdm,
 )
 from probdiff.diffusion import ConsistencyTerms, ELBOTerms, GaussianDiffusion, SampleResult, StepTerms  # noqa: E402
@@ -45,6 +49,9 @@ __all__ = [
     "checkpoint",
     "data",
     "distributions",
+    "divergences",
+    "em",
+    "flows",
     "infer",
     "nets",
     "ode",
@@ -53,6 +60,7 @@ __all__ = [
     "score",
     "sde",
     "training",
+    "vae",
     "vdm",
     "__version__",
 ]

@@ -41,3 +41,26 @@ def write_json(path, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def parse_example_args(parser, argv, full: dict, tiny: dict):
+    """``parser.parse_args(argv)``, every option left unset taken from ``tiny`` (with ``--tiny``) or ``full``.
+
+    The example scripts' sizes: a flag given explicitly always wins.
+    """
+    args = parser.parse_args(argv)
+    for key, value in (tiny if args.tiny else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def parse_widths(parser, text: str, flag: str = "--hidden") -> tuple[int, ...]:
+    """Comma-separated positive layer widths such as ``"128,128"``; a parser error names ``flag`` otherwise."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        parser.error(f"{flag} must be comma-separated widths, e.g. 128,128; got {text!r}")
+    if min(widths) < 1:
+        parser.error(f"{flag} must be positive widths; got {text!r}")
+    return widths

@@ -16,7 +16,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-__all__ = ["sinusoidal_embedding", "MLP"]
+__all__ = ["sinusoidal_embedding", "MLP", "DenseNet"]
 
 
 def sinusoidal_embedding(t, dim: int, *, max_period: float = 10_000.0):
@@ -128,4 +128,72 @@ class MLP(eqx.Module):
         if self.learn_variance:
             D = x_t.shape[-1]
             return h[..., :D], h[..., D:]
+        return h
+
+
+class DenseNet(eqx.Module):
+    r"""A fully connected network from R^{d_in} to R^{d_out}, optionally conditioned on a step t.
+
+    $$ h_0 = W_0 x + b_0\;[+\,U\,e(t)],\qquad h_k = W_k\,\mathrm{SiLU}(h_{k-1}) + b_k,\qquad
+       f(x, t) = h_L , $$
+
+    with e(t) from [sinusoidal_embedding][probdiff.nets.sinusoidal_embedding] when
+    ``time_dim > 0``. The encoders and decoders of [probdiff.vae][probdiff.vae] are built on
+    it. The last layer starts at zero, so an untrained network outputs 0.
+
+    Args:
+        in_dim: d_in, the size of x's last axis.
+        out_dim: d_out.
+        key: a JAX PRNG key for the initialisation.
+        hidden: widths of the hidden layers.
+        time_dim: size of the time embedding; 0 (default) for a network of x alone.
+
+    Examples:
+        >>> import jax, jax.numpy as jnp
+        >>> from probdiff.nets import DenseNet
+        >>> DenseNet(3, 5, jax.random.key(0), hidden=(8,))(jnp.ones((4, 3))).shape
+        (4, 5)
+    """
+
+    weights: list
+    biases: list
+    time_proj: jax.Array | None
+    time_dim: int = eqx.field(static=True)
+
+    def __init__(self, in_dim: int, out_dim: int, key, *, hidden=(128, 128), time_dim: int = 0):
+        for name, value in (("in_dim", in_dim), ("out_dim", out_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if isinstance(time_dim, bool) or not isinstance(time_dim, int) or time_dim < 0 or time_dim % 2:
+            raise ValueError(f"time_dim must be a non-negative even integer; got {time_dim!r}")
+        hidden = tuple(int(h) for h in hidden)
+        if not hidden or min(hidden) < 1:
+            raise ValueError(f"hidden must be a non-empty sequence of positive widths; got {hidden}")
+        sizes = (in_dim,) + hidden + (out_dim,)
+        keys = jax.random.split(key, len(sizes))
+        weights, biases = [], []
+        for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            last = i == len(sizes) - 2
+            weights.append(jnp.zeros((n_out, n_in)) if last else jax.random.normal(keys[i], (n_out, n_in)) / math.sqrt(n_in))
+            biases.append(jnp.zeros((n_out,)))
+        self.weights = weights
+        self.biases = biases
+        self.time_dim = time_dim
+        self.time_proj = jax.random.normal(keys[-1], (hidden[0], time_dim)) / math.sqrt(time_dim) if time_dim else None
+
+    def __call__(self, x, t=None):
+        """f(x, t) for x of shape ``batch + (d_in,)``; t (needed iff ``time_dim > 0``) broadcasts over batch."""
+        x = jnp.asarray(x)
+        if x.ndim < 1 or x.shape[-1] != self.weights[0].shape[1]:
+            raise ValueError(f"x must have last axis d_in = {self.weights[0].shape[1]}; got shape {x.shape}")
+        h = x @ self.weights[0].T + self.biases[0]
+        if self.time_dim:
+            if t is None:
+                raise ValueError("this DenseNet was built with time_dim > 0: call it as net(x, t)")
+            emb = sinusoidal_embedding(jnp.broadcast_to(jnp.asarray(t), x.shape[:-1]), self.time_dim)
+            h = h + emb.astype(x.dtype) @ self.time_proj.T
+        elif t is not None:
+            raise ValueError("this DenseNet takes no t (time_dim = 0); build it with time_dim > 0")
+        for w, b in zip(self.weights[1:], self.biases[1:], strict=True):
+            h = jax.nn.silu(h) @ w.T + b
         return h

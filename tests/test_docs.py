@@ -11,6 +11,9 @@ from probdiff import (
     checkpoint,
     data,
     distributions,
+    divergences,
+    em,
+    flows,
     infer,
     nets,
     ode,
@@ -20,6 +23,7 @@ from probdiff import (
     score,
     sde,
     training,
+    vae,
     vdm,
 )
 
@@ -28,7 +32,8 @@ API_TEXT = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
 LEDGER = (DOCS / "math.md").read_text()
 
 MODULES = (
-    probdiff, schedules, distributions, analytic, nets, infer, samplers, score, sde, ode, vdm, checkpoint, training, data, recipes,
+    probdiff, schedules, distributions, analytic, nets, infer, samplers, score, sde, ode, vdm, vae, divergences, em, flows, checkpoint, training, data,
+    recipes,
 )
 PUBLIC = [(m, name) for m in MODULES for name in m.__all__]
 
@@ -56,7 +61,10 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "TimeConditionalScoreMatching", "x0_from_score", "VPSDE", "VESDE", "SubVPSDE",
         "ScheduleSDE", "reverse_sde_sample", "ContinuousScoreMatching", "odeint", "NeuralODE", "ODEFlow", "CNF",
         "ProbabilityFlow", "log_likelihood", "score_from_diffusion", "VariationalDiffusion", "LearnedSchedule",
-        "LinearSchedule", "discrete_elbo", "GammaSchedule.discretize",
+        "LinearSchedule", "discrete_elbo", "GammaSchedule.discretize", "likelihood_bound", "VAE", "MHVAE",
+        "LinearGaussianEncoder", "MHVAE.elbo_terms", "reverse_kernel_on_grid", "moment_match", "fit_reverse_kl",
+        "joint_kl_bound", "em_gmm", "e_step", "m_step", "elbo_estimates", "Flow", "AdditiveCoupling",
+        "AffineCoupling", "ActNorm", "Conv1x1", "Conv1x1LU", "Squeeze", "MultiscaleSplit",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):
