@@ -23,6 +23,10 @@ in bits/dim of the images. For comparison (not recomputed here) ``examples/likel
 reports 2.957 bits/dim for the negative ELBO of a diffusion model with an MLP eps-network; a code
 with no model needs log2 17 = 4.087.
 
+**Expected output** (defaults, 2026-11-21, 2 CPU cores shared with other jobs: 10000 steps in
+33 s, 174 s in all): -ELBO 2.589 +- 0.052 bits/dim, importance-weighted 2.355 +- 0.038 (tighter
+by 0.234). See docs/tutorials/vae.md.
+
 Files in ``--out``: ``training.png`` (loss per step), ``samples.png`` (decoder means of z ~ N(0, I),
 and reconstructions of held-out images) and ``metrics.json``.
 
