@@ -79,11 +79,11 @@ first discrete step 1/T. With ``VPSDE().discretize(T)`` for T other than 1000 th
 continuous form starts with beta(0) = 0, 1 - alpha_bar(t_min) rounds to 0 in float32 and the
 solve fails; keep T = 1000 (the default, also for ``--tiny``).
 
-**Expected output** (defaults, measured on 2026-11-21 on 2 CPU cores shared with other jobs,
-271 s; all tables in ``docs/tutorials/likelihood.md``). NLL in nats on 500 held-out points, true
-2.936: discrete -ELBO 3.066, its ODE 3.242 (322 NFE); likelihood weighting: SDE bound 3.082, ODE
-3.300 (316 NFE); variance weighting: SDE bound 3.181, ODE 3.235; exact score: SDE bound 2.946
-(Monte-Carlo SE 0.03), ODE 2.936 (within 2e-4 of the truth, 76 NFE). Every trained model's ODE
+**Expected output** (defaults, measured on 2026-11-21 on 2 CPU cores, 176 s; all tables in
+``docs/tutorials/likelihood.md``). NLL in nats on 500 held-out points, true
+2.936: discrete -ELBO 3.066, its ODE 3.242 (322 NFE); likelihood weighting: SDE bound 3.065, ODE
+3.300 (316 NFE); variance weighting: SDE bound 3.165, ODE 3.235; exact score: SDE bound 2.929
+(Monte-Carlo SE 0.01), ODE 2.936 (within 2e-4 of the truth, 76 NFE). Every trained model's ODE
 NLL is above its own bound; the likelihood weighting lowers the SDE bound by 0.100 +- 0.016 nats
 and raises the ODE NLL by 0.066 +- 0.008. Hutchinson's trace is 0.037 +- 0.027 below the exact
 trace. Energy distances (noise floor 0.0016): the reverse SDE reaches the floor by 20 steps with

@@ -287,3 +287,14 @@ def test_example_cnf_2d_tiny(tmp_path):
     assert 0 < res["grid_mass"]["cnf"] < 1.3
     saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
     assert saved["cnf_nll"] == pytest.approx(res["cnf_nll"])
+
+
+@pytest.mark.slow  # five model families compiled: 1-3 minutes on 2 cores
+def test_example_zoo_2d_tiny(tmp_path):
+    res = runpy.run_path(str(ROOT / "examples" / "zoo_2d.py"))["main"](["--tiny", "--out", str(tmp_path)])
+    assert (tmp_path / "zoo.png").stat().st_size > 0
+    assert len(res["rows"]) == 7
+    for name, row in res["rows"].items():
+        assert np.isfinite(row["nll"]) and np.isfinite(row["excess"]), name
+    saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
+    assert saved["true"]["nll"] == pytest.approx(res["true"]["nll"])

@@ -94,6 +94,7 @@ def test_vae_model_and_guide_give_trace_elbo_minus_the_elbo():
         assert abs(vals.mean() - target) < N_SE * vals.std(ddof=1) / math.sqrt(len(vals)) + 1e-9, (vals.mean(), target)
 
 
+@pytest.mark.slow  # 20-30 s on 2 cores
 def test_vae_trains_by_svi_towards_the_true_likelihood():
     """A VAE with GaussianNet encoder and decoder on data from the linear model above: 600 Adam
     steps raise the held-out ELBO by more than 1 nat per point and bring it within 0.25 nats of
@@ -214,16 +215,16 @@ def closed_form_elbo(x):
 
 
 def test_mhvae_elbo_both_forms_and_iw_likelihood_against_gaussian_algebra():
-    """On the linear-Gaussian MHVAE: the plain Monte-Carlo ELBO (elbo, 20000 trajectories) and
-    the B2 form (elbo_terms, 4000 keys) both match E_q log p(x, z) + H(q) from the joint
+    """On the linear-Gaussian MHVAE: the plain Monte-Carlo ELBO (elbo, 10000 trajectories) and
+    the B2 form (elbo_terms, 2000 keys) both match E_q log p(x, z) + H(q) from the joint
     covariances within 4.5 SE; B2 has the smaller spread; the IW estimate with 4000 trajectories
     is within 0.1 of log p(x)."""
     with x64():
         m = linear_mhvae()
         xs = (0.7, -2.0)
         xa = jnp.array([[v] for v in xs])
-        mc = np.asarray(jax.jit(jax.vmap(lambda k: m.elbo(k, xa, 20)))(jax.random.split(jax.random.key(20), 1000)))
-        b2 = np.asarray(jax.jit(jax.vmap(lambda k: m.elbo_terms(k, xa).total))(jax.random.split(jax.random.key(21), 4000)))
+        mc = np.asarray(jax.jit(jax.vmap(lambda k: m.elbo(k, xa, 20)))(jax.random.split(jax.random.key(20), 500)))
+        b2 = np.asarray(jax.jit(jax.vmap(lambda k: m.elbo_terms(k, xa).total))(jax.random.split(jax.random.key(21), 2000)))
         iw = np.asarray(m.log_likelihood(jax.random.key(22), xa, 4000))
         for i, x in enumerate(xs):
             elbo_true, log_px = closed_form_elbo(x)
@@ -275,7 +276,7 @@ class EpsDecoder(eqx.Module):
         return self(z_1, jnp.ones(z_1.shape[:-1], jnp.int32))
 
 
-@pytest.mark.parametrize("T", [1, 9])
+@pytest.mark.parametrize("T", [9])
 def test_restricted_mhvae_is_gaussian_diffusion_number_for_number(T):
     """A diffusion model is an MHVAE with latent dim = data dim, the fixed encoder
     LinearGaussianEncoder.from_schedule and a schedule with z_T ~ N(0, I): with DDPM's decoder
@@ -379,6 +380,7 @@ def test_mhvae_with_learned_networks_jits_differentiates_and_samples():
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # 25-45 s on 2 cores; the VAE itself is tested above
 def test_example_vae_digits_tiny(tmp_path):
     """examples/vae_digits.py trains with svi.run and reports finite bits/dim; the IW bound is at
     least as tight as the ELBO up to its noise, and both beat nothing absurd (< 30 bits/dim)."""
