@@ -293,7 +293,7 @@ def test_example_cnf_2d_tiny(tmp_path):
 def test_example_zoo_2d_tiny(tmp_path):
     res = runpy.run_path(str(ROOT / "examples" / "zoo_2d.py"))["main"](["--tiny", "--out", str(tmp_path)])
     assert (tmp_path / "zoo.png").stat().st_size > 0
-    assert len(res["rows"]) == 7
+    assert len(res["rows"]) == 8  # VAE, MHVAE and diffusion two rows each, RealNVP and CNF one
     for name, row in res["rows"].items():
         assert np.isfinite(row["nll"]) and np.isfinite(row["excess"]), name
     saved = json.loads((tmp_path / "metrics.json").read_text())["results"]
