@@ -569,6 +569,11 @@ class MHVAE:
     def log_joint_ratio(self, z, x) -> jax.Array:
         r"""log p_theta(x, z_{1:T}) - log q_phi(z_{1:T} | x) for a trajectory z of shape ``batch + (T, d)``."""
         x = check_event(x, self.event_shape, "x")
+        z = jnp.asarray(z)
+        if z.ndim < 2 or tuple(z.shape[-2:]) != (self.num_latents, self.latent_dim):
+            raise ValueError(
+                f"z must have trailing shape (T, latent_dim) = ({self.num_latents}, {self.latent_dim}); got {z.shape}"
+            )
         dec_first, dec_step = self._resolve("decoder")
         log_p = _DecoderChain(dec_step, self.num_latents, self.latent_dim, z.shape[:-2], z.dtype).log_prob(z)
         log_p = log_p + self._x_dist(dec_first, z[..., 0, :]).log_prob(x)

@@ -340,6 +340,8 @@ def test_bad_inputs_raise_naming_the_parameter():
                     LinearDecoder(jnp.ones(2), jnp.ones(2)), 2, 2, (2,))
     with pytest.raises(ValueError, match="LinearGaussianEncoder"):
         learned.elbo_terms(jax.random.key(0), jnp.zeros((1, 2)))
+    with pytest.raises(ValueError, match="z must have trailing shape"):
+        learned.log_joint_ratio(jnp.zeros((1, 3, 2)), jnp.zeros((1, 2)))
     with pytest.raises(ValueError, match="likelihood"):
         VAE(lambda x: x, lambda z: z, 2, (3,), likelihood="poisson")
     with pytest.raises(ValueError, match="latent_dim"):
