@@ -57,6 +57,7 @@ def test_console_script_is_installed():
     assert "demo" in result.stdout
 
 
+@pytest.mark.slow  # 30-40 s on 2 cores; the ELBO's closed forms are tested in test_diffusion.py
 def test_example_gaussian_elbo_tiny(tmp_path):
     mod = runpy.run_path(str(ROOT / "examples" / "gaussian_elbo.py"))
     res = mod["main"](["--steps", "20", "--points", "32", "--draws", "4", "--out", str(tmp_path)])
@@ -120,6 +121,7 @@ def test_example_train_digits_resume_is_exact(tmp_path):
         np.testing.assert_array_equal(raw(b[name]), raw(c[name]), err_msg=name)
 
 
+@pytest.mark.slow  # 25 s on 2 cores; stationarity itself is tested in test_stationarity.py
 def test_example_langevin_stationarity_tiny(tmp_path):
     import scipy.integrate
     import scipy.special

@@ -15,6 +15,7 @@ from probdiff import (
     em,
     flows,
     infer,
+    inverse,
     nets,
     ode,
     recipes,
@@ -32,7 +33,7 @@ API_TEXT = "\n".join(p.read_text() for p in (DOCS / "api").glob("*.md"))
 LEDGER = (DOCS / "math.md").read_text()
 
 MODULES = (
-    probdiff, schedules, distributions, analytic, nets, infer, samplers, score, sde, ode, vdm, vae, divergences, em, flows, checkpoint, training, data,
+    probdiff, schedules, distributions, analytic, nets, infer, inverse, samplers, score, sde, ode, vdm, vae, divergences, em, flows, checkpoint, training, data,
     recipes,
 )
 PUBLIC = [(m, name) for m in MODULES for name in m.__all__]
@@ -65,6 +66,8 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "LinearGaussianEncoder", "MHVAE.elbo_terms", "reverse_kernel_on_grid", "moment_match", "fit_reverse_kl",
         "joint_kl_bound", "em_gmm", "e_step", "m_step", "elbo_estimates", "Flow", "AdditiveCoupling",
         "AffineCoupling", "ActNorm", "Conv1x1", "Conv1x1LU", "Squeeze", "MultiscaleSplit",
+        "AnnealedLangevin", "TwistedSMC", "DPS", "gaussian_posterior", "gaussian_evidence", "LinearObservation",
+        "Inpainting", "PosteriorProblem",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):
