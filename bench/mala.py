@@ -106,7 +106,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
-from _env import machine_info, timestamped_log, versions
+from _env import CompileClock, machine_info, timestamped_log, versions
 from numpyro.diagnostics import effective_sample_size
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.util import initialize_model
@@ -118,41 +118,7 @@ Z_MOMENTS_MAX = 4.5
 Z_ACCEPT_MAX = 4.0
 
 
-# --------------------------------------------------------------------------- compile clock
-class CompileClock:
-    """Intervals of JAX's compile events (trace, lowering, XLA compile), to subtract from wall times."""
-
-    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-              "/jax/core/compile/backend_compile_duration")
-
-    def __init__(self):
-        self.intervals = []
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event, duration, **kwargs):
-        if event in self.EVENTS:
-            end = time.perf_counter()
-            self.intervals.append((end - duration, end))
-
-    def compile_seconds(self, t0, t1):
-        """Length of the union of the recorded intervals inside [t0, t1] (nested traces count once)."""
-        parts = sorted((max(a, t0), min(b, t1)) for a, b in self.intervals if b > t0 and a < t1)
-        total, cur = 0.0, None
-        for a, b in parts:
-            if cur is None or a > cur[1]:
-                if cur is not None:
-                    total += cur[1] - cur[0]
-                cur = [a, b]
-            else:
-                cur[1] = max(cur[1], b)
-        if cur is not None:
-            total += cur[1] - cur[0]
-        return total
-
-    def count(self, t0, t1):
-        return sum(1 for a, b in self.intervals if a >= t0 and b <= t1)
-
-
+# --------------------------------------------------------------------------- timing
 def block_ready(x):
     return jax.tree_util.tree_map(lambda a: a.block_until_ready() if hasattr(a, "block_until_ready") else a, x)
 

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
-from numpyro.handlers import seed, trace
+from numpyro.handlers import seed, substitute, trace
 from numpyro.infer.util import log_density
 from numpyro.primitives import Messenger
 
@@ -280,6 +280,8 @@ class Inpainting(LinearObservation):
 class Denoising(LinearObservation):
     r"""Denoising: y = x_0 + eps, eps ~ N(0, s^2 I) on every entry (A = I).
 
+    $$ p(y \mid x_0) = \mathcal{N}\big(y;\ x_0,\ s^2 I\big) $$
+
     Args:
         noise_scale: s > 0.
         event_shape: the shape of one x_0 (and of y).
@@ -390,6 +392,16 @@ def _base_diffusion(fn):
         fn = base
 
 
+def _placeholder(msg):
+    """Zeros of the value's shape for a latent diffusion site (``substitute_fn``), else None."""
+    if msg["type"] != "sample" or msg.get("is_observed") or msg.get("value") is not None:
+        return None
+    base = _base_diffusion(msg["fn"])
+    if base is None:
+        return None
+    return jnp.zeros(msg["fn"].shape(msg["kwargs"].get("sample_shape", ())), base.schedule.dtype)
+
+
 class PosteriorProblem(NamedTuple):
     r"""What a posterior sampler needs from a NumPyro model with a diffusion prior.
 
@@ -433,7 +445,9 @@ class PosteriorProblem(NamedTuple):
         model_kwargs = {} if model_kwargs is None else dict(model_kwargs)
         if not callable(model):
             raise TypeError(f"model must be a callable NumPyro model; got {type(model).__name__}")
-        tr = trace(seed(model, jax.random.key(0))).get_trace(*model_args, **model_kwargs)
+        # the diffusion sites get a placeholder value: tracing must not run the reverse chain
+        traced = substitute(seed(model, jax.random.key(0)), substitute_fn=_placeholder)
+        tr = trace(traced).get_trace(*model_args, **model_kwargs)
         latent = {n: s for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]}
         found = [n for n, s in latent.items() if _base_diffusion(s["fn"]) is not None]
         if site is None:
@@ -461,4 +475,7 @@ class PosteriorProblem(NamedTuple):
             lp, _ = log_density(seed(dropped, jax.random.key(0)), model_args, model_kwargs, {site: x})
             return lp
 
+        for s in tr.values():  # the observations' own checks (shape; NaN when concrete)
+            if s["type"] == "sample" and s["is_observed"] and isinstance(s["fn"], GaussianObservation):
+                s["fn"]._check_y(s["value"])
         return PosteriorProblem(site, prior, shape, log_likelihood)

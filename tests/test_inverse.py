@@ -72,12 +72,16 @@ def _np_coefs(sch, t):
 
 
 def _chain_law(sch, A=None, y=None, s=None, scale=0.0):
-    """Law of the reverse chain's output (z = 0 at t = 1), with DPS's push when scale > 0."""
+    """Law of the reverse chain's output (z = 0 at t = 1), with DPS's push when scale > 0.
+
+    DPS's default twist is tempered, alpha_bar_t ell(x0_hat), so its step is
+    zeta_t alpha_bar_t grad ell with zeta_t = scale beta_t / sqrt(alpha_t).
+    """
     m, S = np.zeros(D), np.eye(D)
     for t in range(sch.num_steps, 0, -1):
         P, c, M, b, beta, alpha = _np_coefs(sch, t)
         if scale:
-            zeta = scale * beta / np.sqrt(alpha)
+            zeta = scale * beta / np.sqrt(alpha) * float(sch.alpha_bar[t])
             # grad_x ell(P x + c) = P^T A^T (y - A (P x + c)) / s^2, affine in x
             M = M - zeta * P.T @ A.T @ A @ P / s**2
             b = b + zeta * P.T @ A.T @ (y - A @ c) / s**2
@@ -226,7 +230,10 @@ def test_prior_inside_a_plate_image_shapes():
 
     smc = TwistedSMC(model, 8, num_chains=2).run(jax.random.key(0), y=y)
     assert smc.get_samples()["x"].shape == (16, 2, 2, 2, 1)
-    assert smc.get_extra_fields()["ess"].shape == (2 * 10,)
+    assert smc.get_extra_fields()["ess"].shape == (2, 10)  # one row per run
+    lw = smc.get_extra_fields()["log_weights"]  # concatenated, normalised within each run
+    w = np.asarray(jax.nn.softmax(lw)).reshape(2, 8)
+    np.testing.assert_allclose(w.sum(1), [0.5, 0.5], rtol=1e-5)
     dps = DPS(model, 3).run(jax.random.key(1), y=y)
     assert dps.get_samples(group_by_chain=True)["x"].shape == (1, 3, 2, 2, 2, 1)
     mcmc = MCMC(
@@ -292,6 +299,11 @@ def test_dps_matches_its_own_affine_law_and_not_the_posterior():
         assert_mc_close(
             np.einsum("nd,ne->nde", c, c).reshape(len(x), -1), S_dps.reshape(-1), what="DPS covariance"
         )
+        # a second observation reuses the compiled sweep and gets its own law (the data are traced)
+        y2 = Y - 1.0
+        x2 = np.asarray(dps.run(jax.random.key(5), y=y2).get_samples()["x"])
+        assert_mc_close(x2, _chain_law(sch, A_MAT, y2, S_OBS, scale=1.0)[0], what="DPS mean, second y")
+        assert len(dps._compiled) == 1
         # DPS is biased: its law is measurably not the posterior
         m, S = _bayes(*_chain_law(sch), A_MAT, Y, S_OBS)
         gap = np.linalg.norm(m_dps - m) / np.sqrt(np.trace(S)) + np.linalg.norm(S_dps - S) / np.linalg.norm(S)
@@ -307,7 +319,12 @@ def test_annealed_langevin_matches_the_noised_prior_posterior(metropolis):
         sch, prior, obs, model = _setup(T=100)
         ab = float(sch.alpha_bar[1])
         m, S = _bayes(np.sqrt(ab) * MU, ab * SIGMA + (1 - ab) * np.eye(D), A_MAT, Y, S_OBS)
-        kernel = AnnealedLangevin(model, metropolis=metropolis, final_step_size=None if metropolis else ETA_ULA)
+        kernel = AnnealedLangevin(
+            model,
+            metropolis=metropolis,
+            adapt_step_size=metropolis,
+            final_step_size=None if metropolis else ETA_ULA,
+        )
         mcmc = MCMC(
             kernel,
             num_warmup=600,
@@ -352,3 +369,7 @@ def test_smc_and_dps_work_with_arviz_and_jit_free_reruns():
             )
         with pytest.raises(ValueError, match="scale"):
             DPS(model, scale=0.0)
+        with pytest.raises(ValueError, match="NaN"):
+            TwistedSMC(model, 4).run(jax.random.key(0), y=np.array([np.nan, 1.0]))
+        with pytest.raises(ValueError, match=r"observation y must have shape \(2,\)"):
+            DPS(model, 4).run(jax.random.key(0), y=np.zeros(3))

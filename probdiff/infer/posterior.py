@@ -11,7 +11,8 @@ $$ s_\theta(x_t,t) = -\frac{\epsilon_\theta(x_t,t)}{\sqrt{1-\bar\alpha_t}},\qqua
 
 and the likelihood through ell and its gradient. At noise level t the likelihood of y given x_t
 is approximated by ell at Tweedie's estimate, ell(x0_hat(x_t, t)) (the "twist"), which is
-exact at t = 0.
+exact at t = 0; by default it is tempered, alpha_bar_t ell(x0_hat(x_t, t)), because x0_hat is
+uncertain at high noise and its gradient carries the factor 1 / sqrt(alpha_bar_t).
 
 * [AnnealedLangevin][probdiff.infer.AnnealedLangevin]: an MCMC kernel for ``numpyro.infer.MCMC``.
   Warm-up anneals through noise levels from T down to ``t_final`` (Langevin steps on
@@ -140,7 +141,12 @@ def _resolve_problem(model, model_args, model_kwargs, site):
 class _IndependentRuns:
     """``MCMC``-like interface for samplers whose chains are independent runs."""
 
-    def __init__(self, model: Callable, *, num_chains: int, site: str | None, final_noise: bool):
+    #: extra fields with one entry per draw (flattened over runs when not grouped by chain)
+    _per_draw: tuple = ()
+
+    def __init__(
+        self, model: Callable, *, num_chains: int, site: str | None, final_noise: bool, tempered: bool
+    ):
         if not callable(model):
             raise TypeError(f"model must be a callable NumPyro model; got {type(model).__name__}")
         if int(num_chains) < 1:
@@ -149,16 +155,46 @@ class _IndependentRuns:
         self.num_chains = int(num_chains)
         self.site = site
         self.final_noise = bool(final_noise)
+        self.tempered = bool(tempered)
         self._samples = None
         self._extra = None
+        self._compiled = {}
+
+    def _sweeps(self, model_args, model_kwargs):
+        """The jitted ``(keys, data arrays) -> (samples, extra)``, cached by the data's structure.
+
+        The model's array arguments are traced, everything else is part of the cache key, so a
+        second run, or a new observation of the same shape, reuses the compiled sweep.
+        """
+        leaves, treedef = jax.tree.flatten((model_args, model_kwargs))
+        where = tuple(i for i, v in enumerate(leaves) if isinstance(v, (jax.Array, np.ndarray)))
+        static = tuple((i, v) for i, v in enumerate(leaves) if i not in where)
+        config = tuple((k, v) for k, v in sorted(vars(self).items()) if not k.startswith("_"))
+        key = (config, treedef, where, static)
+        try:
+            fn = self._compiled.get(key)
+        except TypeError:  # an unhashable argument: compile for this run only
+            key, fn = None, None
+        if fn is None:
+
+            def sweeps(keys, arrays):
+                full = list(leaves)
+                for i, a in zip(where, arrays, strict=True):
+                    full[i] = a
+                args, kwargs = jax.tree.unflatten(treedef, full)
+                prior = _Prior(_resolve_problem(self.model, args, kwargs, self.site))
+                return jax.vmap(self._make_sweep(prior))(keys)
+
+            fn = jax.jit(sweeps)
+            if key is not None:
+                self._compiled[key] = fn
+        return fn, [leaves[i] for i in where]
 
     def run(self, rng_key, *model_args, **model_kwargs):
         """Run ``num_chains`` independent sweeps on the model's data; returns ``self``."""
-        problem = _resolve_problem(self.model, model_args, model_kwargs, self.site)
-        prior = _Prior(problem)
-        sweep = self._make_sweep(prior)
-        keys = jax.random.split(rng_key, self.num_chains)
-        samples, extra = jax.jit(jax.vmap(sweep))(keys)
+        problem = _resolve_problem(self.model, model_args, model_kwargs, self.site)  # the checks, eagerly
+        fn, arrays = self._sweeps(model_args, model_kwargs)
+        samples, extra = fn(jax.random.split(rng_key, self.num_chains), arrays)
         if not bool(jnp.all(jnp.isfinite(samples))):
             raise FloatingPointError(
                 f"{type(self).__name__} produced non-finite samples; lower the guidance scale or check the "
@@ -182,11 +218,17 @@ class _IndependentRuns:
         return {self._site: s}
 
     def get_extra_fields(self, group_by_chain: bool = False) -> dict:
-        """Per-run diagnostics (see the class docstring), with a leading chain axis when grouped."""
+        """Diagnostics (see the class docstring), one row per run.
+
+        Without ``group_by_chain`` the per-draw fields are concatenated over runs; the others
+        keep their leading run axis.
+        """
         self._check_ran()
         if group_by_chain:
             return dict(self._extra)
-        return {k: (v.reshape((-1,) + v.shape[2:]) if v.ndim >= 2 else v) for k, v in self._extra.items()}
+        return {
+            k: (v.reshape((-1,) + v.shape[2:]) if k in self._per_draw else v) for k, v in self._extra.items()
+        }
 
     def print_summary(self, prob: float = 0.9):
         """``numpyro.diagnostics.print_summary`` of the samples, runs as chains."""
@@ -197,7 +239,8 @@ class TwistedSMC(_IndependentRuns):
     r"""Twisted sequential Monte Carlo over the reverse chain (Wu et al. 2023, "TDS").
 
     K particles start at x_T ~ N(0, I) and follow proposals tilted toward the observation by
-    the twist p~_t(y | x_t) = exp ell(x0_hat(x_t, t)):
+    the twist p~_t(y | x_t) = exp(lambda_t ell(x0_hat(x_t, t))), lambda_t = alpha_bar_t
+    (``tempered``, the default; 1 otherwise):
 
     $$ r(x_{t-1}\mid x_t) = \mathcal N\big(x_{t-1};\ \mu_\theta(x_t,t)+\sigma_t^2\nabla_{x_t}\log\tilde p_t(y\mid x_t),\
        \sigma_t^2 I\big), $$
@@ -225,13 +268,19 @@ class TwistedSMC(_IndependentRuns):
         num_particles: K.
         num_chains: independent runs (vectorised).
         ess_threshold: resample when ESS < ess_threshold * K; 0 never resamples, 1 always.
+        tempered: lambda_t = alpha_bar_t in the twist. x0_hat is uncertain at high noise, and
+            the untempered twist's gradient grows like 1 / sqrt(alpha_bar_t) there.
         final_noise: add sigma_1 z at the last step (the model's density) or not (its sampler).
         site: the prior site's name if the model has several diffusion sites.
 
-    ``get_extra_fields()`` (one row per run): ``ess`` (T,) before each step's resampling
+    ``get_extra_fields()``, one row per run: ``ess`` (T,) before each step's resampling
     decision, t = T..1; ``resampled`` (T,) booleans; ``final_ess``; ``log_evidence``;
-    ``particles`` and ``log_weights``, the weighted particles before the last resampling.
+    ``particles`` and ``log_weights``, the weighted particles before the last resampling,
+    their log-weights normalised within each run (so that without ``group_by_chain``, where
+    these two are concatenated over runs, ``softmax(log_weights)`` weighs every run equally).
     """
+
+    _per_draw = ("particles", "log_weights")
 
     def __init__(
         self,
@@ -244,14 +293,13 @@ class TwistedSMC(_IndependentRuns):
         final_noise: bool = False,
         site: str | None = None,
     ):
-        super().__init__(model, num_chains=num_chains, site=site, final_noise=final_noise)
+        super().__init__(model, num_chains=num_chains, site=site, final_noise=final_noise, tempered=tempered)
         if int(num_particles) < 1:
             raise ValueError(f"num_particles must be >= 1; got {num_particles!r}")
         if not 0.0 <= float(ess_threshold) <= 1.0:
             raise ValueError(f"ess_threshold must lie in [0, 1]; got {ess_threshold!r}")
         self.num_particles = int(num_particles)
         self.ess_threshold = float(ess_threshold)
-        self.tempered = bool(tempered)
 
     def _make_sweep(self, prior: _Prior):
         K, T, nd = self.num_particles, prior.T, len(prior.shape)
@@ -315,7 +363,7 @@ class TwistedSMC(_IndependentRuns):
                 "final_ess": final_ess,
                 "log_evidence": logz,
                 "particles": x0,
-                "log_weights": logw,
+                "log_weights": logw - jax.nn.logsumexp(logw),
             }
             return x0[idx], extra
 
@@ -326,8 +374,13 @@ class DPS(_IndependentRuns):
     r"""Diffusion posterior sampling (Chung et al. 2023): the reverse chain pushed by the twist's gradient.
 
     $$ x'_{t-1}\sim p_\theta(x_{t-1}\mid x_t),\qquad
-       x_{t-1} = x'_{t-1} + \zeta_t\,\nabla_{x_t}\,\ell\big(\hat x_0(x_t,t)\big),\qquad
-       \zeta_t = \texttt{scale}\cdot\frac{\beta_t}{\sqrt{\alpha_t}}. $$
+       x_{t-1} = x'_{t-1} + \zeta_t\,\nabla_{x_t}\,\lambda_t\ell\big(\hat x_0(x_t,t)\big),\qquad
+       \zeta_t = \texttt{scale}\cdot\frac{\beta_t}{\sqrt{\alpha_t}}, $$
+
+    with lambda_t = alpha_bar_t (``tempered``, the default) or 1 (Chung et al.'s form).
+    Untempered, the gradient near t = T carries the factor 1 / sqrt(alpha_bar_T) of Tweedie's
+    estimate (160 for the linear T = 1000 schedule): on a trained digits network the first
+    steps overflow at every scale tried.
 
     With ``scale = 1`` the step adds beta_t / sqrt(alpha_t) times the approximate conditional
     score grad log p~_t(y | x_t) to the reverse mean, which is how the score of p_t(x_t | y)
@@ -341,6 +394,7 @@ class DPS(_IndependentRuns):
         num_samples: independent samples per run.
         num_chains: independent runs (vectorised), for diagnostics.
         scale: the guidance scale (> 0).
+        tempered: lambda_t = alpha_bar_t (True) or 1.
         final_noise: add sigma_1 z at the last step or not (as ``GaussianDiffusion.sample``).
         site: the prior site's name if the model has several diffusion sites.
     """
@@ -352,10 +406,11 @@ class DPS(_IndependentRuns):
         *,
         num_chains: int = 1,
         scale: float = 1.0,
+        tempered: bool = True,
         final_noise: bool = False,
         site: str | None = None,
     ):
-        super().__init__(model, num_chains=num_chains, site=site, final_noise=final_noise)
+        super().__init__(model, num_chains=num_chains, site=site, final_noise=final_noise, tempered=tempered)
         if int(num_samples) < 1:
             raise ValueError(f"num_samples must be >= 1; got {num_samples!r}")
         self.num_samples = int(num_samples)
@@ -366,6 +421,7 @@ class DPS(_IndependentRuns):
         s = prior.schedule
         final_noise = self.final_noise
         scale = self.scale
+        tempered = self.tempered
 
         def sweep(key):
             key, k0 = jax.random.split(key)
@@ -374,7 +430,7 @@ class DPS(_IndependentRuns):
             def body(carry, t):
                 key, x = carry
                 key, kz = jax.random.split(key)
-                _, g, mean, var, _ = prior.twist(x, t)
+                _, g, mean, var, _ = prior.twist(x, t, tempered)
                 noise = jnp.sqrt(var) * jax.random.normal(kz, x.shape, x.dtype)
                 if not final_noise:
                     noise = jnp.where(t > 1, noise, 0.0)
@@ -436,11 +492,12 @@ class AnnealedLangevin(MCMCKernel):
     for a learned network it is an approximation whose error shrinks with the step.
 
     * Warm-up, first ``anneal_steps`` iterations: x starts at x_T ~ N(0, I); iteration i is
-      at level t_i, geometric from T down to ``t_final``, with ell_t(x) = ell(x0_hat(x, t))
-      (the twist). Between levels x is carried by a DDIM step,
+      at level t_i, geometric from T down to ``t_final``, with ell_t(x) = alpha_bar_t ell(x0_hat(x, t))
+      (the tempered twist). Between levels x is carried by a DDIM step,
       x_{t'} = sqrt(alpha_bar_t') x0_hat + sqrt(1 - alpha_bar_t') eps_theta(x_t, t).
     * Rest of warm-up: the final level t_final with ell_t(x) = ell(x) (x read as x_0).
-    * Sampling: the final level, kappa fixed at its warm-up average.
+    * Sampling: the final level, kappa fixed at its warm-up average. ULA (``metropolis=False``)
+      warms up with MALA's steps, then samples without the accept/reject step.
 
     kappa is tuned throughout warm-up by dual averaging toward ``target_accept_prob``
     (restarted when the final level begins). The chain's stationary law is
@@ -458,8 +515,10 @@ class AnnealedLangevin(MCMCKernel):
         final_step_size: eta at the final level, in absolute units (the initial value that MALA
             tunes; ULA keeps it); default: carry on with the annealing's kappa.
         metropolis: MALA (True) or ULA (False).
-        adapt_step_size: tune kappa during warm-up (MALA only).
+        adapt_step_size: tune kappa during warm-up. The warm-up steps are MALA's for ULA too
+            (the rejections guard the tuning); ULA then samples unadjusted with the tuned kappa.
         target_accept_prob: the acceptance rate dual averaging aims at.
+        tempered: the annealing twist is alpha_bar_t ell(x0_hat(x, t)) (True) or ell(x0_hat(x, t)).
         quadrature: Gauss-Lobatto points for the line integral, 2, 3 or 4.
         site: the prior site's name if the model has several diffusion sites.
 
@@ -480,6 +539,7 @@ class AnnealedLangevin(MCMCKernel):
         final_step_size: float | None = None,
         metropolis: bool = True,
         adapt_step_size: bool = True,
+        tempered: bool = True,
         target_accept_prob: float = 0.574,
         quadrature: int = 3,
         site: str | None = None,
@@ -502,7 +562,8 @@ class AnnealedLangevin(MCMCKernel):
             None if final_step_size is None else check_positive(final_step_size, "final_step_size (eta > 0)")
         )
         self.metropolis = bool(metropolis)
-        self.adapt_step_size = bool(adapt_step_size) and self.metropolis
+        self.adapt_step_size = bool(adapt_step_size)
+        self.tempered = bool(tempered)
         self.target_accept_prob = float(target_accept_prob)
         self.quadrature = int(quadrature)
         self.site = site
@@ -543,6 +604,7 @@ class AnnealedLangevin(MCMCKernel):
         self._levels = levels
         site = problem.site
         metropolis, target, t_f = self.metropolis, self.target_accept_prob, self.t_final
+        tempered = self.tempered
         nodes, weights = LOBATTO[self.quadrature]
         da_init, da_update = dual_averaging()
         dtype = prior.schedule.dtype
@@ -553,7 +615,7 @@ class AnnealedLangevin(MCMCKernel):
                 _, _, eps = prior.moments(x, t)
                 ll, lg = jax.value_and_grad(problem.log_likelihood)(x)
             else:
-                lt, lg, _, _, eps = prior.twist(x[None], t)
+                lt, lg, _, _, eps = prior.twist(x[None], t, tempered)
                 ll, lg, eps = lt[0], lg[0], eps[0]
             _, omab = prior.coef(t, x.dtype)
             return -eps / jnp.sqrt(omab), ll, lg
@@ -571,7 +633,7 @@ class AnnealedLangevin(MCMCKernel):
             noise = jax.random.normal(kz, x.shape, x.dtype)
             xp = x + 0.5 * eta * drift + jnp.sqrt(eta) * noise
             sp, llp, lgp = evaluate(xp, t, final)
-            if metropolis:
+            if metropolis or adapt:  # ULA's warm-up is MALA's: kappa is tuned on a guarded chain
                 d = xp - x
                 integral = weights[0] * jnp.sum(st.score * d) + weights[-1] * jnp.sum(sp * d)
                 for u, w in zip(nodes[1:-1], weights[1:-1], strict=True):
@@ -662,7 +724,7 @@ class AnnealedLangevin(MCMCKernel):
             return jax.lax.switch(phase, step_fns, state)
 
         self._sample_fn = sample_fn
-        state = jax.vmap(init_one)(rng_key) if vectorized else init_one(rng_key)
+        state = jax.jit(jax.vmap(init_one) if vectorized else init_one)(rng_key)
         if not bool(jnp.all(jnp.isfinite(state.loglik))):
             raise ValueError("the log-likelihood is not finite at the initial point; check the observation")
         return state
