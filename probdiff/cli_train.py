@@ -40,6 +40,10 @@ def add_parsers(sub, positive_int) -> None:
     tr.add_argument("--hidden", default=",".join(map(str, D["hidden"])), help="hidden widths (default 256,256,256)")
     tr.add_argument("--lr", type=float, default=D["learning_rate"], help="Adam learning rate (default 1e-3)")
     tr.add_argument("--seed", type=int, default=D["seed"])
+    tr.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default=D["compute_dtype"],
+                    help="dtype of the network's arithmetic (bfloat16: mixed precision, the ELBO stays float32)")
+    tr.add_argument("--devices", default="1",
+                    help="data-parallel training: split each batch over this many devices, or 'all' (default 1)")
     tr.add_argument("--checkpoint-every", type=positive_int("--checkpoint-every"), default=2000)
     tr.add_argument("--resume", default=None, help="continue from this checkpoint (its config is used)")
     tr.add_argument("--out", default=".", help="output folder (default: the current folder)")
@@ -137,6 +141,30 @@ def _plot_loss(losses, path, weighting):
     plt.close(fig)
 
 
+def _mesh(devices: str, batch_size: int):
+    """The data-parallel mesh of ``--devices`` (None for one device)."""
+    import jax
+
+    from probdiff.parallel import data_mesh
+
+    available = len(jax.devices())
+    if devices == "all":
+        n = available
+    else:
+        try:
+            n = int(devices)
+        except ValueError:
+            n = 0
+        if not 1 <= n <= available:
+            raise SystemExit(f"probdiff train: --devices must be 'all' or an integer in 1..{available} "
+                             f"(the devices JAX sees); got {devices!r}")
+    if n == 1:
+        return None
+    if batch_size % n:
+        raise SystemExit(f"probdiff train: the batch size {batch_size} must be a multiple of --devices ({n})")
+    return data_mesh(n)
+
+
 def run_train(args) -> int:
     import jax
     import numpy as np
@@ -146,8 +174,6 @@ def run_train(args) -> int:
     from probdiff.recipes import build, diffusion_from_params
     from probdiff.training import NonFiniteLossError, fit, init_state, save_state
 
-    out = prepare_out_dir(args.out, TRAIN_FILES, overwrite=args.overwrite)
-    ckpt = out / "checkpoint.safetensors"
     if args.resume:
         _, meta = load_checkpoint(args.resume)
         config = dict(meta["config"])
@@ -165,8 +191,13 @@ def run_train(args) -> int:
                   "t_sampling": args.t_sampling, "variance": args.variance,
                   "parameterization": args.parameterization,
                   "hidden": hidden, "learning_rate": args.lr, "batch_size": args.batch_size,
-                  "steps": args.steps, "seed": args.seed}
+                  "steps": args.steps, "seed": args.seed, "compute_dtype": args.compute_dtype}
         done_losses = []
+    from probdiff.recipes import DEFAULT_CONFIG as _D
+
+    mesh = _mesh(args.devices, int(config.get("batch_size", _D["batch_size"])))
+    out = prepare_out_dir(args.out, TRAIN_FILES, overwrite=args.overwrite)
+    ckpt = out / "checkpoint.safetensors"
     key = jax.random.key(int(config.get("seed", 0)))
     k_data, k_fit, k_eval = jax.random.split(key, 3)
     from probdiff.recipes import DEFAULT_CONFIG
@@ -182,7 +213,9 @@ def run_train(args) -> int:
     start_step = 0 if state is None else int(state.step)
     print(f"probdiff train: {c['data']} ({train.shape[0]} rows, {held_out.shape[0]} held out), "
           f"{recipe.schedule}, MLP {c['hidden']}, {c['weighting']} loss, batch {c['batch_size']}, "
-          f"steps {start_step} -> {c['steps']} on {jax.devices()[0].platform}")
+          f"steps {start_step} -> {c['steps']} on "
+          + (f"{jax.devices()[0].platform}" if mesh is None else f"{mesh.devices.size} {jax.devices()[0].platform} devices")
+          + ("" if c["compute_dtype"] == "float32" else f", network in {c['compute_dtype']}"))
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -193,7 +226,8 @@ def run_train(args) -> int:
         while step < c["steps"]:
             n = min(args.checkpoint_every, c["steps"] - step)
             result = fit(recipe.svi, train, n, batch_size=c["batch_size"], rng_key=k_fit, state=state,
-                         ema_decay=c["ema_decay"], steps_per_call=min(500, n), progress_bar=bar)
+                         ema_decay=c["ema_decay"], steps_per_call=min(500, n), progress_bar=bar,
+                         mesh=mesh)
             state, step = result.state, int(result.state.step)
             losses.extend(result.losses.tolist())
             save_state(ckpt, state, metadata={"config": c, "losses": losses}, overwrite=True)

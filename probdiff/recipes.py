@@ -16,7 +16,7 @@ from numpyro.infer import SVI
 from probdiff import schedules
 from probdiff.diffusion import GaussianDiffusion
 from probdiff.infer import DiffusionELBO, with_loss_history
-from probdiff.nets import MLP
+from probdiff.nets import MLP, MixedPrecision
 
 __all__ = ["DEFAULT_CONFIG", "build", "Recipe", "diffusion_from_params"]
 
@@ -38,6 +38,7 @@ DEFAULT_CONFIG = {
     "steps": 12_000,
     "ema_decay": 0.999,
     "seed": 0,
+    "compute_dtype": "float32",
 }
 
 
@@ -63,9 +64,14 @@ class Recipe:
                         time_dim=int(c["time_dim"]), learn_variance=c["variance"] == "learned")
         schedule, net0, dim = self.schedule, self.net0, int(c["data_dim"])
         kinds = {"variance": c["variance"], "parameterization": c["parameterization"]}
+        compute_dtype = c.get("compute_dtype", "float32")
+        if compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"compute_dtype must be float32 or bfloat16; got {compute_dtype!r}")
 
         def model(x):
             net = eqx_module("eps_net", net0)
+            if compute_dtype != "float32":  # the parameters stay those of the float32 network
+                net = MixedPrecision(net, compute_dtype)
             with numpyro.plate("data", x.shape[0]):
                 numpyro.sample("x", GaussianDiffusion(net, schedule, (dim,), **kinds), obs=x)
 

@@ -72,6 +72,11 @@ def _check_data(data):
     data = jnp.asarray(data)
     if data.ndim < 1 or data.shape[0] < 1:
         raise ValueError(f"data must have a leading axis of examples; got shape {data.shape}")
+    if jnp.issubdtype(data.dtype, jnp.inexact):
+        bad = np.flatnonzero(~np.isfinite(np.asarray(data).reshape(data.shape[0], -1)).all(axis=1))
+        if bad.size:
+            raise ValueError(f"data has NaN or infinite entries in {bad.size} example(s), the first at "
+                             f"row {int(bad[0])}; remove or impute them before training")
     return data
 
 
@@ -81,22 +86,37 @@ def _batch_at(data, key_data, step, batch_size: int):
     return data[idx]
 
 
+def _all_finite(tree):
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 @functools.lru_cache(maxsize=32)
-def _block_fn(svi, batch_size: int, ema_decay: float):
+def _block_fn(svi, batch_size: int, ema_decay: float, mesh=None):
     """The jitted block of steps for one SVI object, cached so that successive ``fit`` calls
-    (checkpoint intervals, resumes) reuse one compilation."""
+    (checkpoint intervals, resumes) reuse one compilation. With a ``mesh`` each minibatch is
+    constrained to be split over its devices (the state and data arrive replicated)."""
+    if mesh is not None:
+        from probdiff.parallel import batch_sharding
+
+        split = batch_sharding(mesh)
 
     @jax.jit
     def block(st, data, key_data, length_marker):
         def one_step(st, _):
-            svi_state, loss = svi.update(st.svi_state, _batch_at(data, key_data, st.step, batch_size))
+            batch = _batch_at(data, key_data, st.step, batch_size)
+            if mesh is not None:
+                batch = jax.lax.with_sharding_constraint(batch, split)
+            svi_state, loss = svi.update(st.svi_state, batch)
             params = svi.optim.get_params(svi_state.optim_state)
             ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, st.ema, params)
             new = TrainState(svi_state, ema, st.step + 1)
-            ok = jnp.isfinite(loss)
+            # A step is good when its loss and the parameters it produced are finite: an overflow
+            # in the gradient (e.g. in bf16) shows in the parameters before it shows in a loss.
+            ok = jnp.isfinite(loss) & _all_finite(params)
             # A non-finite step keeps the previous state: the block then runs on unchanged.
             kept = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, st)
-            return kept, loss
+            return kept, (loss, ok)
 
         return jax.lax.scan(one_step, st, None, length=length_marker.shape[0])
 
@@ -114,6 +134,7 @@ def fit(
     ema_decay: float = 0.999,
     steps_per_call: int = 100,
     progress_bar=True,
+    mesh=None,
 ) -> FitResult:
     r"""Run ``num_steps`` SVI steps on minibatches of ``data``.
 
@@ -135,13 +156,19 @@ def fit(
         steps_per_call: steps per compiled ``lax.scan`` block.
         progress_bar: show a ``tqdm`` bar with the running loss; or pass a ``tqdm`` bar to
             advance (one bar over several calls; it is left open).
+        mesh: data-parallel training: a one-axis ``jax.sharding.Mesh``
+            ([data_mesh][probdiff.parallel.data_mesh]). The data and the state are replicated
+            on its devices and each minibatch is split over them; ``batch_size`` must be a
+            multiple of the device count. The steps, losses and parameters are those of one
+            device up to the order of float additions.
 
     Returns:
         A [FitResult][probdiff.training.FitResult].
 
     Raises:
-        NonFiniteLossError: a step gave a NaN or infinite loss. Its ``result`` holds the
-            state before that step (the last good one) and the losses up to it.
+        NonFiniteLossError: a step gave a NaN or infinite loss, or NaN or infinite parameters
+            (its loss is then reported as NaN). Its ``result`` holds the state before that step
+            (the last good one) and the losses up to it.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ValueError(f"num_steps must be an integer >= 0; got {num_steps!r}")
@@ -153,10 +180,21 @@ def fit(
         raise ValueError(f"steps_per_call must be an integer >= 1; got {steps_per_call!r}")
     data = _check_data(data)
     key_data, key_init = jax.random.split(rng_key)
+    if mesh is not None:
+        from probdiff.parallel import _check_mesh
 
-    block = _block_fn(svi, int(batch_size), float(ema_decay))
+        _check_mesh(mesh)
+        if batch_size % mesh.devices.size:
+            raise ValueError(f"batch_size must be a multiple of the mesh's device count ({mesh.devices.size}) "
+                             f"for data-parallel training; got {batch_size}")
+
+    block = _block_fn(svi, int(batch_size), float(ema_decay), mesh)
     if state is None:
         state = init_state(svi, key_init, _batch_at(data, key_data, 0, int(batch_size)))
+    if mesh is not None:
+        from probdiff.parallel import replicate
+
+        data, state, key_data = replicate((data, state, key_data), mesh)
 
     losses = []
     bar, own_bar = None, False
@@ -170,9 +208,9 @@ def fit(
     try:
         while done < num_steps:
             size = min(steps_per_call, num_steps - done)
-            new_state, block_losses = block(state, data, key_data, jnp.zeros((size,)))
+            new_state, (block_losses, block_ok) = block(state, data, key_data, jnp.zeros((size,)))
             block_losses = np.asarray(block_losses)
-            bad = ~np.isfinite(block_losses)
+            bad = ~np.asarray(block_ok)
             if bad.any():
                 first = int(np.argmax(bad))
                 # The scan kept the state of the last good step; every later step of the block
@@ -180,8 +218,10 @@ def fit(
                 losses.extend(block_losses[:first].tolist())
                 step = int(state.step) + first
                 result = FitResult(new_state, np.asarray(losses, dtype=np.float64))
+                what = (f"loss became {block_losses[first]}" if not np.isfinite(block_losses[first])
+                        else "parameters became NaN or infinite")
                 raise NonFiniteLossError(
-                    f"loss became {block_losses[first]} at step {step}; training stopped, and "
+                    f"{what} at step {step}; training stopped, and "
                     f"the state after step {step - 1} (the last good one) is in .result.state",
                     result,
                 )

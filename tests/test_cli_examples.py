@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -82,6 +83,7 @@ def test_example_train_2d_tiny(tmp_path):
 DIGITS_TINY = ["--T", "10", "--base", "8", "--test", "16", "--batch-size", "16", "--quiet", "--checkpoint-every", "4"]
 
 
+@pytest.mark.slow  # 75 s on 2 cores (UNet compile); the UNet trains under SVI in test_unet.py
 def test_example_train_digits_tiny(tmp_path):
     mod = runpy.run_path(str(ROOT / "examples" / "train_digits.py"))
     res = mod["main"](DIGITS_TINY + ["--steps", "4", "--out", str(tmp_path / "a")])
@@ -92,6 +94,13 @@ def test_example_train_digits_tiny(tmp_path):
     assert res["bits_per_dim"] > np.log2(17)
     with pytest.raises(FileExistsError):
         mod["main"](DIGITS_TINY + ["--steps", "4", "--out", str(tmp_path / "a")])
+
+
+def test_example_train_digits_refuses_bad_devices(tmp_path):
+    mod = runpy.run_path(str(ROOT / "examples" / "train_digits.py"))
+    for bad in ("0", "two", str(len(jax.devices()) + 1)):
+        with pytest.raises(SystemExit):
+            mod["main"](DIGITS_TINY + ["--devices", bad, "--out", str(tmp_path / bad)])
 
 
 # Three UNet trainings (each compiles its own training step, ELBO and sampler: about 2 CPU-minutes
@@ -180,6 +189,7 @@ def test_example_annealed_langevin_tiny(tmp_path):
         mod["main"](["--tiny", "--out", str(tmp_path)])
 
 
+@pytest.mark.slow  # 25 s on 2 cores; NCSN's loss and Vincent's identity are tested in test_score_matching.py
 def test_example_ncsn_2d_tiny(tmp_path):
     from probdiff._io import OutputExistsError
 

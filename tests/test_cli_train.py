@@ -73,3 +73,12 @@ def test_train_refuses_to_overwrite_and_bad_data(tmp_path, capsys):
     garbage.write_bytes(b"not a checkpoint at all")
     assert main(["sample", "--checkpoint", str(garbage), "--out", str(tmp_path / "s")]) == 1
     assert "garbage.safetensors" in capsys.readouterr().err
+
+
+def test_train_refuses_bad_devices_before_writing(tmp_path):
+    import jax
+
+    for bad in ("0", "two", str(len(jax.devices()) + 1)):
+        with pytest.raises(SystemExit, match=r"--devices must be 'all' or an integer in 1\.\."):
+            main(["train", "--out", str(tmp_path / bad), "--devices", bad, *TINY])
+        assert not (tmp_path / bad).exists()  # refused before the output folder was made

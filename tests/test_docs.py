@@ -18,6 +18,7 @@ from probdiff import (
     inverse,
     nets,
     ode,
+    parallel,
     recipes,
     samplers,
     schedules,
@@ -34,7 +35,7 @@ LEDGER = (DOCS / "math.md").read_text()
 
 MODULES = (
     probdiff, schedules, distributions, analytic, nets, infer, inverse, samplers, score, sde, ode, vdm, vae, divergences, em, flows, checkpoint, training, data,
-    recipes,
+    recipes, parallel,
 )
 PUBLIC = [(m, name) for m in MODULES for name in m.__all__]
 
@@ -67,7 +68,7 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "joint_kl_bound", "em_gmm", "e_step", "m_step", "elbo_estimates", "Flow", "AdditiveCoupling",
         "AffineCoupling", "ActNorm", "Conv1x1", "Conv1x1LU", "Squeeze", "MultiscaleSplit",
         "AnnealedLangevin", "TwistedSMC", "DPS", "gaussian_posterior", "gaussian_evidence", "LinearObservation",
-        "Inpainting", "PosteriorProblem",
+        "Inpainting", "PosteriorProblem", "MixedPrecision", "data_mesh",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):
