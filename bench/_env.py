@@ -10,6 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+# probdiff sets its XLA flags (it turns off the CPU's YNNPACK fusion) when imported, which only
+# takes effect if JAX's backend has not started yet: import it before anything touches JAX.
+import probdiff  # noqa: E402, F401
+
 
 def machine_info() -> dict:
     """JAX devices, platform, CPU model and count, memory, XLA flags and the load average."""
@@ -48,7 +52,6 @@ def versions() -> dict:
     import numpyro
     import optax
 
-    import probdiff
 
     v = {
         "jax": jax.__version__,

@@ -8,7 +8,7 @@ collects their JSON files and writes
   JSON path and headline numbers;
 * ``<out-dir>/suite.md``: the headline numbers as one markdown table.
 
-``--quick`` runs every script's smoke mode (about 10 minutes on 2 CPU cores in all); its results
+``--quick`` runs every script's smoke mode (about 20 minutes on 2 CPU cores in all, 7 of them likelihood); its results
 go to ``bench/results/quick/``, a full run's to ``bench/results/suite/``, unless ``--out-dir``
 says otherwise (the per-script results that bench/README.md quotes stay as they are). A full run
 takes about an hour on 2 CPU cores. ``--only scaling,inverse`` picks scripts; ``--skip``
@@ -112,7 +112,7 @@ def markdown(suite: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="every script's smoke mode (~10 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="every script's smoke mode (~20 min on 2 cores)")
     ap.add_argument("--out-dir", default=None,
                     help="where the JSON files go (default bench/results/suite, with --quick bench/results/quick)")
     ap.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHMARKS)}")

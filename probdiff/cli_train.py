@@ -193,15 +193,13 @@ def run_train(args) -> int:
                   "hidden": hidden, "learning_rate": args.lr, "batch_size": args.batch_size,
                   "steps": args.steps, "seed": args.seed, "compute_dtype": args.compute_dtype}
         done_losses = []
-    from probdiff.recipes import DEFAULT_CONFIG as _D
+    from probdiff.recipes import DEFAULT_CONFIG
 
-    mesh = _mesh(args.devices, int(config.get("batch_size", _D["batch_size"])))
+    mesh = _mesh(args.devices, int(config.get("batch_size", DEFAULT_CONFIG["batch_size"])))
     out = prepare_out_dir(args.out, TRAIN_FILES, overwrite=args.overwrite)
     ckpt = out / "checkpoint.safetensors"
     key = jax.random.key(int(config.get("seed", 0)))
     k_data, k_fit, k_eval = jax.random.split(key, 3)
-    from probdiff.recipes import DEFAULT_CONFIG
-
     train, held_out = _load_data(config["data"], config, k_data, int(config.get("num_data", DEFAULT_CONFIG["num_data"])))
     config["data_dim"] = int(train.shape[-1])
     recipe = build(config)

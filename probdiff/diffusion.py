@@ -25,7 +25,13 @@ from numpyro.distributions import constraints
 from numpyro.distributions.kl import kl_divergence
 
 from probdiff._checks import check_event, check_event_shape, check_finite
-from probdiff.distributions.chains import ForwardChain, ReverseChain, map_over_t, resolve_chunk_size
+from probdiff.distributions.chains import (
+    ForwardChain,
+    ReverseChain,
+    map_over_t,
+    resolve_chunk_size,
+    sum_over_t,
+)
 from probdiff.distributions.kernels import (
     PARAMETERIZATIONS,
     VARIANCES,
@@ -189,8 +195,8 @@ class GaussianDiffusion(dist.Distribution):
             evaluation (not for training: every call would reuse the same noise).
         chunk_size: how many t the ELBO evaluates together: ``"auto"`` (default: by backend
             and data size, about 2048 scalars of x_t at a time on CPU), ``None`` (all T at once) or an
-            int; see [map_over_t][probdiff.distributions.map_over_t]. Memory is bounded by
-            the chunk, never by T.
+            int; see [map_over_t][probdiff.distributions.map_over_t]. ``elbo``'s memory is
+            that of one chunk whatever T; ``elbo_terms`` also keeps its T - 1 KLs per example.
 
     Examples:
         >>> import jax, jax.numpy as jnp
@@ -293,6 +299,14 @@ class GaussianDiffusion(dist.Distribution):
             rng_key: a JAX PRNG key.
             x_0: data, shape ``batch + event_shape``.
         """
+        rec, prior, denoising, T = self._elbo_parts(rng_key, x_0)
+        if T == 1:
+            return ELBOTerms(rec, prior, jnp.zeros(rec.shape + (0,), rec.dtype))
+        kls = map_over_t(denoising, jnp.arange(2, T + 1), self.chunk_size, elements_per_t=jnp.size(x_0))
+        return ELBOTerms(rec, prior, jnp.moveaxis(kls, 0, -1))
+
+    def _elbo_parts(self, rng_key, x_0):
+        """Reconstruction, prior matching, and the per-t denoising KL as a function of t."""
         x_0 = self._check_x0(x_0)
         s = self.schedule
         nd = self.event_ndim
@@ -308,17 +322,13 @@ class GaussianDiffusion(dist.Distribution):
         prior = dist.Normal(jnp.zeros_like(x_0), jnp.ones_like(x_0)).to_event(nd)
         prior_matching = kl_divergence(q_T, prior)
 
-        if T == 1:
-            return ELBOTerms(reconstruction, prior_matching, jnp.zeros(x_0.shape[: x_0.ndim - nd] + (0,), x_0.dtype))
-
         # Denoising matching: KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), t = 2..T.
         def denoising(t):
             x_t = q_marginal(s, t, x_0, event_ndim=nd).sample(jax.random.fold_in(key_den, t))
             q_post = q_posterior(s, t, x_t, x_0, event_ndim=nd)
             return kl_divergence(q_post, self._p_step(t, x_t))
 
-        kls = map_over_t(denoising, jnp.arange(2, T + 1), self.chunk_size, elements_per_t=x_0.size)
-        return ELBOTerms(reconstruction, prior_matching, jnp.moveaxis(kls, 0, -1))
+        return reconstruction, prior_matching, denoising, T
 
     def elbo(self, rng_key, x_0) -> jax.Array:
         r"""The per-example ELBO in nats (MATH.md B2), a lower bound on log p_theta(x_0).
@@ -333,10 +343,19 @@ class GaussianDiffusion(dist.Distribution):
             rng_key: a JAX PRNG key.
             x_0: data, shape ``batch + event_shape``.
 
+        The sum over t is accumulated chunk by chunk
+        ([sum_over_t][probdiff.distributions.sum_over_t]), so memory does not grow with T; the
+        draws are those of [elbo_terms][probdiff.GaussianDiffusion.elbo_terms], whose ``total``
+        is the same number up to the order of the float additions.
+
         Returns:
             The ELBO of each example, shape ``batch``.
         """
-        return self.elbo_terms(rng_key, x_0).total
+        rec, prior, denoising, T = self._elbo_parts(rng_key, x_0)
+        if T == 1:
+            return rec - prior
+        kl_sum = sum_over_t(denoising, jnp.arange(2, T + 1), self.chunk_size, elements_per_t=jnp.size(x_0))
+        return rec - prior - kl_sum
 
     def step_terms(self, rng_key, x_0, t, *, stop_gradient_mean: bool = False) -> StepTerms:
         r"""The loss of step t for each example, at one draw of x_t (MATH.md C1-C3).

@@ -101,6 +101,9 @@ def shard_batch(x, mesh: Mesh):
                 raise ValueError(f"shard_batch: the batch size {a.shape[0]} must be a multiple of the "
                                  f"number of devices ({n_dev})")
             return jax.device_put(a, sharding)
+        if n_local == 0:
+            raise ValueError(f"shard_batch: process {jax.process_index()} has no device in the mesh; build the "
+                             "mesh over devices of every process (data_mesh() with no argument does)")
         if a.shape[0] % n_local:
             raise ValueError(f"shard_batch: this process's batch size {a.shape[0]} must be a multiple of "
                              f"its number of devices in the mesh ({n_local})")
@@ -118,8 +121,8 @@ def replicate(tree, mesh: Mesh):
     def put(a):
         if not hasattr(a, "shape"):
             return a
-        if jax.process_count() == 1:
-            return jax.device_put(a, sharding)
+        if jax.process_count() == 1 or (isinstance(a, jax.Array) and not a.is_fully_addressable):
+            return jax.device_put(a, sharding)  # one process, or already a global array: reshard
         if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
             data = put(jax.random.key_data(a))
             return jax.random.wrap_key_data(data, impl=jax.random.key_impl(a))

@@ -67,6 +67,11 @@ class Recipe:
         compute_dtype = c.get("compute_dtype", "float32")
         if compute_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"compute_dtype must be float32 or bfloat16; got {compute_dtype!r}")
+        if compute_dtype == "bfloat16" and c["parameterization"] == "x0":
+            # eps = (x_t - sqrt(alpha_bar_t) x0_hat) / sqrt(1 - alpha_bar_t) multiplies x0_hat's
+            # bf16 rounding by up to 1/sqrt(1 - alpha_bar_1) ~ 100 at small t
+            raise ValueError("compute_dtype bfloat16 needs parameterization eps or v: with x0 the implied "
+                             "eps carries bf16's rounding times up to 1/sqrt(1 - alpha_bar_1)")
 
         def model(x):
             net = eqx_module("eps_net", net0)

@@ -28,7 +28,8 @@ __all__ = ["TrainState", "FitResult", "NonFiniteLossError", "fit", "init_state",
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The loss became NaN or infinite; ``result`` holds the last good state."""
+    """A step gave a NaN or infinite loss, or NaN or infinite parameters; ``result`` holds the
+    last good state."""
 
     def __init__(self, message, result):
         super().__init__(message)
@@ -72,7 +73,7 @@ def _check_data(data):
     data = jnp.asarray(data)
     if data.ndim < 1 or data.shape[0] < 1:
         raise ValueError(f"data must have a leading axis of examples; got shape {data.shape}")
-    if jnp.issubdtype(data.dtype, jnp.inexact):
+    if jnp.issubdtype(data.dtype, jnp.inexact) and not bool(jnp.isfinite(data).all()):  # on device
         bad = np.flatnonzero(~np.isfinite(np.asarray(data).reshape(data.shape[0], -1)).all(axis=1))
         if bad.size:
             raise ValueError(f"data has NaN or infinite entries in {bad.size} example(s), the first at "
@@ -167,8 +168,8 @@ def fit(
 
     Raises:
         NonFiniteLossError: a step gave a NaN or infinite loss, or NaN or infinite parameters
-            (its loss is then reported as NaN). Its ``result`` holds the state before that step
-            (the last good one) and the losses up to it.
+            (a gradient overflow, seen before any loss shows it). Its ``result`` holds the state
+            before that step (the last good one) and the losses of the steps before it.
     """
     if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
         raise ValueError(f"num_steps must be an integer >= 0; got {num_steps!r}")

@@ -7,7 +7,9 @@ Checks, each against a float32 computation that shares no code with the cast:
   and square root (the ELBO's arithmetic) is float32;
 * gradients reach the float32 parameters and point where the float32 gradients point;
 * a bf16 run of the training recipe stays finite and lowers the loss as the float32 run does;
-* the NaN guard keeps the last good state under bf16 too (tests/test_training.py has the f32 case).
+* the NaN guard, which does not depend on the dtype, works through the bf16 path as well: an
+  overflow injected into one update stops training with the last good float32 state
+  (tests/test_training.py has the float32 cases).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def test_bf16_training_tracks_float32():
     assert abs(np.mean(b16[-100:]) - np.mean(f32[-100:])) <= 0.05 * np.mean(f32[-100:])
 
 
-def test_nan_guard_under_bf16():
+def test_nan_guard_through_the_bf16_path():
     r = build({"T": 100, "hidden": [32, 32], "batch_size": 64, "compute_dtype": "bfloat16"})
 
     def poison(count, updates):
@@ -153,7 +155,10 @@ def test_nan_guard_under_bf16():
 
 
 def test_bad_compute_dtype():
-    with pytest.raises(ValueError, match="compute_dtype must be bfloat16, float16 or float32"):
-        MixedPrecision(NET, "int8")
+    for bad in ("int8", "float16"):
+        with pytest.raises(ValueError, match="compute_dtype must be bfloat16 or float32"):
+            MixedPrecision(NET, bad)
+    with pytest.raises(ValueError, match="bfloat16 needs parameterization eps or v"):
+        build({"compute_dtype": "bfloat16", "parameterization": "x0"})
     with pytest.raises(ValueError, match="compute_dtype must be float32 or bfloat16"):
         build({"compute_dtype": "float16"})

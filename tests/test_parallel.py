@@ -84,6 +84,9 @@ CHILD = textwrap.dedent(
     run1 = svi.run(jax.random.key(5), 15, x, progress_bar=False)
     run4 = svi.run(jax.random.key(5), 15, xs, progress_bar=False)
     out["run_losses"] = [np.asarray(run1.losses).tolist(), np.asarray(run4.losses).tolist()]
+    leaf = jax.tree.leaves(run4.params)[0]
+    out["run_param_devices"] = len(leaf.sharding.device_set)
+    out["run_param_spec"] = list(leaf.sharding.spec)
 
     # Mixed precision under the mesh.
     rb = build({"T": 100, "hidden": [32, 32], "batch_size": 16, "compute_dtype": "bfloat16"})
@@ -132,6 +135,7 @@ def test_four_devices_match_one_device(four_devices):
     assert _rel(one, four) <= 1e-6 and r["fit_param_rel"] <= 1e-6
     one, four = r["run_losses"]
     assert len(one) == 15 and _rel(one, four) <= 1e-6
+    assert r["run_param_devices"] == 4 and r["run_param_spec"] == []  # svi.run ran on the mesh
 
     # bf16 network under the mesh: the sharded run reorders sums of bf16 products, so allow
     # bf16's rounding (2^-8 relative per eps entry, ~1e-2 on the loss after 20 Adam steps).

@@ -6,6 +6,7 @@ from probdiff.distributions.chains import (
     ReverseChain,
     map_over_t,
     resolve_chunk_size,
+    sum_over_t,
 )
 from probdiff.distributions.kernels import (
     PARAMETERIZATIONS,
@@ -39,6 +40,7 @@ __all__ = [
     "ReverseChain",
     "call_eps",
     "map_over_t",
+    "sum_over_t",
     "mu_from_eps",
     "p_step",
     "posterior_mean",

@@ -27,7 +27,7 @@ from probdiff.distributions.kernels import (
 )
 from probdiff.schedules import Schedule
 
-__all__ = ["ForwardChain", "ReverseChain", "map_over_t", "resolve_chunk_size", "AUTO_CHUNK_ELEMENTS"]
+__all__ = ["ForwardChain", "ReverseChain", "map_over_t", "sum_over_t", "resolve_chunk_size", "AUTO_CHUNK_ELEMENTS"]
 
 
 #: Scalars of x_t (t values x examples x event size) that ``chunk_size="auto"`` evaluates
@@ -62,8 +62,9 @@ def map_over_t(fn: Callable, ts, chunk_size="auto", *, elements_per_t: int = 1):
     """Evaluate ``fn(t)`` for every t in ``ts`` and stack the results on a leading axis.
 
     ``chunk_size`` t are evaluated together (``jax.vmap``) and the chunks run one after the
-    other in a ``lax.scan``, so memory is bounded by the chunk, never by T, and there is
-    never a Python loop over T. ``None`` vectorises over all t at once; ``"auto"`` picks the
+    other in a ``lax.scan``, so the working memory is that of one chunk, and there is never a
+    Python loop over T; only the stacked results (one ``fn(t)`` per t) grow with len(ts). For a
+    sum over t that keeps nothing per t use [sum_over_t][probdiff.distributions.sum_over_t]. ``None`` vectorises over all t at once; ``"auto"`` picks the
     chunk from the backend and ``elements_per_t`` (the scalars of x_t each ``fn(t)`` handles)
     so that a chunk holds about 2048 scalars on CPU and 4 million on accelerators
     ([AUTO_CHUNK_ELEMENTS][probdiff.distributions.AUTO_CHUNK_ELEMENTS]). ``ts`` is padded with
@@ -80,6 +81,37 @@ def map_over_t(fn: Callable, ts, chunk_size="auto", *, elements_per_t: int = 1):
     padded = jnp.concatenate([ts, jnp.broadcast_to(ts[-1:], (num_chunks * chunk - n,))])
     out = jax.lax.map(jax.vmap(fn), padded.reshape(num_chunks, chunk))
     return jax.tree_util.tree_map(lambda y: y.reshape((num_chunks * chunk,) + y.shape[2:])[:n], out)
+
+
+def sum_over_t(fn: Callable, ts, chunk_size="auto", *, elements_per_t: int = 1):
+    r"""$\sum_{t \in ts} fn(t)$, accumulated chunk by chunk so that memory does not depend on len(ts).
+
+    Like [map_over_t][probdiff.distributions.map_over_t] (``chunk_size`` t at a time in a
+    ``vmap``, the chunks in a ``lax.scan``), but each chunk's values are added into a running
+    sum instead of being stacked: nothing of size len(ts) is kept, not even one scalar per t.
+    The padding of the last chunk is masked out. ``fn(t)`` may return a pytree of arrays.
+    """
+    ts = jnp.asarray(ts)
+    n = ts.shape[0]
+    chunk = resolve_chunk_size(chunk_size, n, elements_per_t)
+    if chunk >= n:
+        return jax.tree_util.tree_map(lambda y: jnp.sum(y, axis=0), jax.vmap(fn)(ts))
+    num_chunks = -(-n // chunk)
+    padded = jnp.concatenate([ts, jnp.broadcast_to(ts[-1:], (num_chunks * chunk - n,))])
+    keep = (jnp.arange(num_chunks * chunk) < n).reshape(num_chunks, chunk)
+    shapes = jax.eval_shape(fn, ts[0])
+    init = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+    def body(acc, chunk_args):
+        t_c, keep_c = chunk_args
+        vals = jax.vmap(fn)(t_c)
+        add = jax.tree_util.tree_map(
+            lambda v: jnp.sum(jnp.where(keep_c.reshape((-1,) + (1,) * (v.ndim - 1)), v, 0), axis=0), vals
+        )
+        return jax.tree_util.tree_map(jnp.add, acc, add), None
+
+    total, _ = jax.lax.scan(body, init, (padded.reshape(num_chunks, chunk), keep))
+    return total
 
 
 def _time_axis_first(value, event_ndim: int):
