@@ -494,7 +494,10 @@ def train_flow(kind, *, layers, hidden, steps, lr, batch_size=256, seed=0):
 
 # NICE's run is behind the slow marker to keep the default suite short (compilation dominates:
 # ~6-16 s per run on the shared 2-core machine); examples/flow_2d.py --tiny trains NICE by default.
-@pytest.mark.parametrize("kind", ["realnvp", pytest.param("nice", marks=pytest.mark.slow)])
+# Both runs are training-quality checks, behind the slow marker (the flows' algebra, log-det and
+# inverse are tested above; ~20 s each of mostly compilation on 2 cores).
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["realnvp", "nice"])
 def test_flows_trained_by_svi_approach_the_true_nll(kind):
     """Maximum likelihood under SVI (an ActNorm and 4 couplings of 32 x 32 MLPs, 1000 steps):
     the held-out NLL improves on the initial flow (the ActNorm alone, a Gaussian fit: 3.98 nats)

@@ -120,7 +120,7 @@ def test_bf16_training_tracks_float32():
     data = jax.random.normal(jax.random.key(7), (2048, 2)) * jnp.array([1.0, 0.5]) + 1.0
     losses = {}
     for dtype in ("float32", "bfloat16"):
-        r = build({"T": 100, "hidden": [64, 64], "batch_size": 128, "compute_dtype": dtype})
+        r = build({"T": 100, "hidden": [32, 32], "batch_size": 128, "compute_dtype": dtype})
         res = fit(r.svi, data, 300, batch_size=128, rng_key=jax.random.key(8), steps_per_call=100, progress_bar=False)
         losses[dtype] = res.losses
         assert np.all(np.isfinite(res.losses))

@@ -275,6 +275,7 @@ def _filled_history(lib, x, key, n_steps=400):
     return model, elbo, hist
 
 
+@pytest.mark.slow  # a statistical run (~13 s on 2 cores); importance_probs is checked in the default suite
 def test_importance_sampled_vlb_is_unbiased_and_has_lower_variance():
     lib = schedules.from_betas(BETAS)
     x = jnp.asarray(X0)

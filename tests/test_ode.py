@@ -151,6 +151,8 @@ def test_linear_cnf_matches_the_change_of_variables():
         np.testing.assert_allclose(np.asarray(flow.transform_back(z)), np.asarray(x), atol=1e-6)
 
 
+@pytest.mark.slow  # a statistical run (~20 s on 2 cores); the default suite checks the exact trace
+# (the exact likelihoods above; test_score_matching's trace against jacfwd)
 def test_hutchinson_is_unbiased_and_rademacher_has_lower_variance():
     """Per data point, 200 probe draws: the mean Hutchinson log-likelihood is within 4.5 SE of the
     exact-trace value, and Rademacher probes (variance 2 sum_{i != j} A_ij^2) spread less than
