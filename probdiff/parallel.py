@@ -55,7 +55,10 @@ def data_mesh(devices=None, *, axis_name: str = _AXIS) -> Mesh:
         if not 1 <= devices <= len(everything):
             raise ValueError(f"devices must lie in 1..{len(everything)} (the devices JAX sees); got {devices}")
         devices = everything[: int(devices)]
-    devices = list(devices)
+    try:
+        devices = list(devices)
+    except TypeError:
+        raise ValueError(f"devices must be None, an int, or a sequence of devices; got {devices!r}") from None
     if not devices:
         raise ValueError("devices must name at least one device")
     if not isinstance(axis_name, str) or not axis_name:

@@ -68,7 +68,7 @@ def test_public_name_has_docstring_and_api_page(module, name):
         "joint_kl_bound", "em_gmm", "e_step", "m_step", "elbo_estimates", "Flow", "AdditiveCoupling",
         "AffineCoupling", "ActNorm", "Conv1x1", "Conv1x1LU", "Squeeze", "MultiscaleSplit",
         "AnnealedLangevin", "TwistedSMC", "DPS", "gaussian_posterior", "gaussian_evidence", "LinearObservation",
-        "Inpainting", "PosteriorProblem", "MixedPrecision", "data_mesh",
+        "Inpainting", "PosteriorProblem", "MixedPrecision", "data_mesh", "sum_over_t",
     ],
 )
 def test_math_bearing_names_have_a_ledger_row(name):
